@@ -1,0 +1,57 @@
+# labpipe verbs. `make run` and `make test` are all a fresh machine needs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build on disk; TORCH= (empty) skips it, TORCH='torch==2.13.0+cu126 --index-url ...' picks another.
+TORCH  ?= torch==2.13.0
+WD     ?= 0.01
+PORT   ?= 5000
+
+# Every stage and every queued DVC experiment (which runs in a temp copy) logs to this project's store.
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: setup run run-full test test-fast train-grok sweep-grok ui lint clean
+
+setup: $(VENV)/.installed
+
+# Reinstalls only when pyproject.toml changes: a second `make setup` is instant.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(strip $(TORCH)),$(BIN)/pip install -q $(TORCH))
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+data:
+	mkdir -p data  # data.dvc tracks it; empty unless you bring raw inputs (see README)
+
+run: setup data
+	dvc repro
+
+run-full: setup data
+	dvc exp run $$(labpipe profile params.full.yaml)
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+train-grok: setup data
+	dvc exp run -S grok.weight_decay=$(WD)
+
+sweep-grok: setup data
+	for wd in 0.01 0.03 0.1; do dvc exp run --queue -S grok.weight_decay=$$wd; done
+	dvc queue start --jobs 1
+	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port $(PORT)
+
+lint: setup
+	$(BIN)/ruff check src tests bench
+
+clean:
+	rm -rf artifacts mlruns mlflow.db wandb .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

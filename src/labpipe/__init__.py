@@ -1,0 +1,1 @@
+"""labpipe: the lab's reproducible research pipeline."""

@@ -1,0 +1,5 @@
+import sys
+
+from labpipe.cli import main
+
+sys.exit(main())

@@ -1,0 +1,83 @@
+"""labpipe <verb> [--params params.yaml] [--set section.key=value ...]: one verb per pipeline stage.
+
+DVC stages call these verbs; so can a person, with overrides that are checked like params.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from labpipe.config import ConfigError, apply_override, build, flatten, load_params, parse_yaml, Params
+
+# verb -> (module:function, what it does); modules are imported only when their verb runs.
+STAGES = {
+    "mheight-data": ("labpipe.mheight.data:run_data", "exact m-heights per (n,k,m) group (stage mheight_data)"),
+    "mheight-subsample": ("labpipe.mheight.data:run_subsample", "balanced train/val subsamples per group"),
+    "grok-train": ("labpipe.grok.train:run_train", "train the m-height regressor with AdamW (stage grok_train)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="labpipe", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="verb")
+    for verb, (_target, help_text) in STAGES.items():
+        _add_params_args(verbs.add_parser(verb, help=help_text))
+    show = verbs.add_parser("params", help="print the resolved params (after --set) as JSON")
+    _add_params_args(show)
+    profile = verbs.add_parser("profile", help="turn a profile (a partial params file) into DVC -S flags")
+    profile.add_argument("profile_file")
+    profile.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.verb == "profile":
+            print(" ".join(profile_flags(args.params, args.profile_file)))
+            return 0
+        params = load_params(args.params, args.set)
+        if args.verb == "params":
+            print(json.dumps(flatten(params), indent=2))
+            return 0
+        module, function = STAGES[args.verb][0].split(":")
+        getattr(importlib.import_module(module), function)(params)
+    except (ConfigError, ValueError) as error:
+        print(f"labpipe {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # e.g. a device that is not there
+        print(f"labpipe {args.verb}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_params_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one param, e.g. --set grok.weight_decay=0.03 (repeatable)")
+
+
+def profile_flags(params_path: str, profile_path: str) -> list[str]:
+    """`-S key=value` for every key of the profile, each checked against the schema and params.yaml."""
+    with open(profile_path) as f:
+        profile = parse_yaml(f.read()) or {}
+    # Compact JSON (valid YAML, no spaces): the flags survive the shell's word splitting in `$(...)`.
+    overrides = [f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in _leaves(profile)]
+    with open(params_path) as f:
+        raw = parse_yaml(f.read())
+    for override in overrides:
+        apply_override(raw, override)
+    build(Params, raw, where=f"{params_path} + {profile_path}")
+    return [f"-S {override}" for override in overrides]
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

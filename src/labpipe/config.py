@@ -1,0 +1,191 @@
+"""params.yaml -> typed, frozen dataclasses.
+
+params.yaml is the single source of truth for every knob: the dataclasses below declare the
+keys and their types but no defaults, so a key missing from the file is an error, and so is a
+key the dataclasses do not know. `--set section.key=value` overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not match the schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingParams:
+    wandb: Literal["off", "offline", "online"]  # optional mirror of every MLflow run
+    wandb_project: str
+
+
+@dataclasses.dataclass(frozen=True)
+class MHeightParams:
+    seed: int
+    n: tuple[int, ...]  # code lengths; groups are all (n, k, m) with k in `k`, m_min <= m <= n - k
+    k: tuple[int, ...]
+    m_min: int
+    samples_per_group: int  # codes generated per (n, k, m) group
+    p_max: float  # entries of P are uniform in [-p_max, p_max]
+    integer_entries: bool  # integers (the course's data) or reals
+    source: Literal["auto", "generate", "pickles"]  # auto: the course's pickles when import_dir has any
+    import_dir: str
+    workers: int  # processes for exact heights
+    device: str  # auto | cpu | cuda
+    train_per_group: int  # balanced subsample sizes
+    val_per_group: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GrokParams:
+    seed: int
+    model: Literal["resnet", "moe"]
+    width: int
+    blocks: int  # residual blocks per ResNet (per expert for the MoE)
+    experts: int
+    top_k: int
+    balance_coef: float  # weight of the MoE load-balancing loss
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    val_every: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    spike_factor: float  # a train-loss spike (Slingshot): loss > spike_factor * min of the last spike_window
+    spike_window: int
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    tracking: TrackingParams
+    mheight: MHeightParams
+    grok: GrokParams
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML with 1.2 booleans (only true/false), as DVC reads params.yaml: `wandb: off` stays a string."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
+def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
+    """Read params.yaml, apply `key=value` overrides, and check everything against the schema."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"params file not found: {path}")
+    raw = parse_yaml(path.read_text()) or {}
+    for override in overrides:
+        apply_override(raw, override)
+    return build(Params, raw, where=str(path))
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Set one `section.key=value` in the raw params dict; the key must exist in the schema."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form section.key=value")
+    cls: Any = Params
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"unknown key '{key}' in --set: valid keys under {where}: {', '.join(names)}")
+        cls = _field_types(cls)[part]
+        if depth < len(parts) - 1:
+            if not dataclasses.is_dataclass(cls):
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[: depth + 1])}' is a value, not a section")
+            node = node.setdefault(part, {})
+    if dataclasses.is_dataclass(cls):
+        raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys")
+    node[parts[-1]] = parse_yaml(value) if value != "" else ""
+
+
+def build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
+    """Recursively turn a dict into the dataclass `cls`, naming the offending key on any mismatch."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix or 'params'}' must be a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    unknown = sorted(set(data) - set(hints))
+    if unknown:
+        full = ", ".join(prefix + str(k) for k in unknown)
+        raise ConfigError(
+            f"{where}: unknown key(s) {full}; valid keys under '{prefix.rstrip('.') or 'params'}': "
+            + ", ".join(hints)
+        )
+    missing = [name for name in hints if name not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) " + ", ".join(prefix + name for name in missing))
+    values = {}
+    for name, tp in hints.items():
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            values[name] = build(tp, data[name], where, key + ".")
+        else:
+            values[name] = _coerce(tp, data[name], key, where)
+    return cls(**values)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
+        return tuple(_coerce(item_tp, v, f"{key}[{i}]", where) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the schema")
+    # bool is a subclass of int: never let `true` pass for a number, nor 1 for a flag.
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: {key} must be {tp.__name__}, got {type(value).__name__} {value!r}")
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{'grok.lr': 0.001, ...}: the form MLflow params and DVC `-S` flags take."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
+    return out

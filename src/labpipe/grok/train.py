@@ -1,0 +1,303 @@
+"""Stage grok_train: long AdamW training of an m-height regressor, watching weight norms for grokking.
+
+Reads the balanced subsamples of stage mheight_subsample; writes artifacts/grok/{model.pt,
+metrics.json, train_history.csv, val_history.csv, plots/}. Every `checkpoint_every` epochs the full
+state (model, optimizer, shuffling RNG, history, best model, MLflow run id) is written atomically;
+a killed run restarts from the newest checkpoint and ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from labpipe import checkpoint
+from labpipe.config import GrokParams, Params, flatten
+from labpipe.device import resolve_device
+from labpipe.files import atomic_path, sha256_file, write_json
+from labpipe.grok.models import build_model, log2_loss
+from labpipe.mheight.data import LINE, TRAIN, VAL, read_dataset
+
+OUT_DIR = Path("artifacts/grok")
+CHECKPOINTS = OUT_DIR / "checkpoints"
+REGISTERED_MODEL = "mheight-regressor"
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureLayout:
+    """How a code becomes a vector: P zero-padded to max_k x max_r and scaled, then a one-hot group."""
+
+    groups: tuple[tuple[int, int, int], ...]
+    max_k: int
+    max_r: int
+    p_scale: float
+
+    @property
+    def dim(self) -> int:
+        return self.max_k * self.max_r + len(self.groups)
+
+
+@dataclasses.dataclass
+class Split:
+    x: torch.Tensor  # (N, dim) float32; the last len(groups) columns are the group one-hot
+    group: torch.Tensor  # (N,) long
+    log2_h: torch.Tensor  # (N,) float32
+    excluded_infinite: int  # rows with h = inf (m >= minimum distance) left out
+
+
+def make_layout(frame: pd.DataFrame) -> FeatureLayout:
+    groups = tuple(sorted({(int(n), int(k), int(m)) for n, k, m in zip(frame.n, frame.k, frame.m, strict=True)}))
+    p_scale = max(float(np.abs(np.concatenate(frame.P.to_numpy())).max()), 1e-12)
+    return FeatureLayout(groups, max(k for _, k, _ in groups), max(n - k for n, k, _ in groups), p_scale)
+
+
+def encode(frame: pd.DataFrame, layout: FeatureLayout) -> Split:
+    finite = frame[np.isfinite(frame.height)]
+    index_of = {g: i for i, g in enumerate(layout.groups)}
+    x = np.zeros((len(finite), layout.dim), dtype=np.float32)
+    group = np.empty(len(finite), dtype=np.int64)
+    for row, (n, k, m, P) in enumerate(zip(finite.n, finite.k, finite.m, finite.P, strict=True)):
+        key = (int(n), int(k), int(m))
+        if key not in index_of:
+            raise ValueError(f"group n={n} k={k} m={m} does not occur in the training data")
+        padded = np.zeros((layout.max_k, layout.max_r), dtype=np.float32)
+        padded[:k, : n - k] = np.asarray(P).reshape(k, n - k) / layout.p_scale
+        x[row, : layout.max_k * layout.max_r] = padded.reshape(-1)
+        group[row] = index_of[key]
+    x[np.arange(len(finite)), layout.max_k * layout.max_r + group] = 1.0
+    return Split(
+        torch.from_numpy(x),
+        torch.from_numpy(group),
+        torch.from_numpy(np.log2(finite.height.to_numpy()).astype(np.float32)),
+        excluded_infinite=len(frame) - len(finite),
+    )
+
+
+def place(split: Split, device: torch.device) -> Split:
+    """Keep the whole split on the accelerator when it fits (the full-batch path: no DataLoader and no
+    host-to-device copy per step); otherwise it stays in host memory and batches are copied as used."""
+    if device.type == "cuda":
+        needed = sum(t.numel() * t.element_size() for t in (split.x, split.group, split.log2_h))
+        free, _total = torch.cuda.mem_get_info(device)
+        if needed > free // 2:
+            return dataclasses.replace(split, x=split.x.pin_memory())
+    return dataclasses.replace(split, x=split.x.to(device), group=split.group.to(device),
+                               log2_h=split.log2_h.to(device))
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+
+def weight_norms(model: torch.nn.Module) -> dict[str, float]:
+    """L2 norm of every weight matrix (per layer) and of all parameters together."""
+    norms = {f"weight_norm/{name}": p.detach().norm().item() for name, p in model.named_parameters() if p.dim() >= 2}
+    norms["weight_norm"] = torch.sqrt(sum(p.detach().pow(2).sum() for p in model.parameters())).item()
+    return norms
+
+
+def flat_parameters(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+class SpikeDetector:
+    """Flags the epoch where a train-loss spike (a Slingshot) begins: the loss exceeds `factor` times
+    the lowest loss of the `window` epochs before it, and the epoch before was not already a spike."""
+
+    def __init__(self, factor: float, window: int):
+        self.factor = factor
+        self.recent: collections.deque[float] = collections.deque(maxlen=window)
+        self.spiking = False
+
+    def update(self, loss: float) -> bool:
+        spiking = bool(self.recent) and loss > self.factor * min(self.recent)
+        started = spiking and not self.spiking
+        self.spiking = spiking
+        self.recent.append(loss)
+        return started
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, split: Split, n_groups: int, device: torch.device, batch: int = 65536):
+    """Mean loss over the split and per group."""
+    model.eval()
+    total = torch.zeros(n_groups, dtype=torch.float64, device=device)
+    count = torch.zeros(n_groups, dtype=torch.float64, device=device)
+    for start in range(0, len(split.log2_h), batch):
+        x = split.x[start : start + batch].to(device)
+        group = split.group[start : start + batch].to(device)
+        z, _aux = model(x, x[:, -n_groups:])
+        loss = log2_loss(z, split.log2_h[start : start + batch].to(device)).double()
+        total.index_add_(0, group, loss)
+        count.index_add_(0, group, torch.ones_like(loss))
+    model.train()
+    per_group = (total / count.clamp(min=1)).tolist()
+    return (total.sum() / count.sum()).item(), per_group
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def fingerprint(params: GrokParams) -> str:
+    """What a checkpoint must match to be resumed: the params and the exact training data."""
+    digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode())
+    for path in (TRAIN, VAL):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def group_name(group: tuple[int, int, int]) -> str:
+    n, k, m = group
+    return f"n{n}_k{k}_m{m}"
+
+
+def run_train(params: Params) -> None:
+    """Stage grok_train."""
+    from labpipe.tracking import register_if_better, stage_run
+
+    g = params.grok
+    device = resolve_device(g.device)
+    train_frame = read_dataset(TRAIN)
+    layout = make_layout(train_frame)
+    train, val = encode(train_frame, layout), encode(read_dataset(VAL), layout)
+    n_groups = len(layout.groups)
+    train, val = place(train, device), place(val, device)
+
+    torch.manual_seed(g.seed)
+    model = build_model(g, layout.dim, n_groups).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
+    shuffle = torch.Generator().manual_seed(g.seed)  # CPU generator: its state is saved and restored exactly
+    state = {"epoch": 0, "train_history": [], "val_history": [], "best": None, "run_id": None, "spikes": [],
+             "spike_detector": SpikeDetector(g.spike_factor, g.spike_window)}
+
+    fp = fingerprint(g)
+    newest = checkpoint.latest(CHECKPOINTS)
+    if newest is not None:
+        saved = checkpoint.load(newest)
+        if saved["fingerprint"] == fp:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            shuffle.set_state(saved["shuffle_rng"])
+            state = saved["state"]
+            print(f"resuming from {newest} (epoch {state['epoch']})")
+        else:
+            print(f"checkpoints in {CHECKPOINTS} were made with other params or data: starting afresh")
+            shutil.rmtree(CHECKPOINTS)
+
+    with stage_run(params.tracking, LINE, "grok_train", flatten(g, "grok."), state["run_id"]) as run:
+        state["run_id"] = run.run_id
+        run.set_tags({"device": str(device), "train_rows": len(train.log2_h), "val_rows": len(val.log2_h)})
+        run.log_metrics({"excluded_infinite_train": train.excluded_infinite,
+                         "excluded_infinite_val": val.excluded_infinite}, step=0)
+        bar = tqdm(range(state["epoch"] + 1, g.epochs + 1), desc="grok epochs", unit="epoch",
+                   initial=state["epoch"], total=g.epochs)
+        for epoch in bar:
+            started = time.perf_counter()
+            before = flat_parameters(model)
+            train_loss, grad_norm = train_epoch(model, optimizer, train, g, n_groups, shuffle, device)
+            after = flat_parameters(model)
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "grad_norm": grad_norm,
+                "update_ratio": ((after - before).norm() / before.norm()).item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                **weight_norms(model),
+            }
+            state["train_history"].append(record)
+            metrics = {k: v for k, v in record.items() if k != "epoch"}
+            metrics["epoch_seconds"] = time.perf_counter() - started
+            if state["spike_detector"].update(train_loss):
+                state["spikes"].append(epoch)
+                metrics["slingshot"] = 1.0
+                tqdm.write(f"epoch {epoch}: train-loss spike (Slingshot) to {train_loss:.4g}")
+            if epoch % g.val_every == 0 or epoch == g.epochs:
+                val_loss, per_group = evaluate(model, val, n_groups, device)
+                state["val_history"].append({"epoch": epoch, "val_loss": val_loss,
+                                             **{group_name(gr): v for gr, v in zip(layout.groups, per_group,
+                                                                                   strict=True)}})
+                metrics["val_loss"] = val_loss
+                metrics.update({f"val_loss/{group_name(gr)}": v for gr, v in zip(layout.groups, per_group,
+                                                                                 strict=True)})
+                if state["best"] is None or val_loss < state["best"]["val_loss"]:
+                    state["best"] = {"epoch": epoch, "val_loss": val_loss,
+                                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+            run.log_metrics(metrics, step=epoch)
+            state["epoch"] = epoch
+            if epoch % g.checkpoint_every == 0 or epoch == g.epochs:
+                checkpoint.save(CHECKPOINTS, epoch, {
+                    "fingerprint": fp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "shuffle_rng": shuffle.get_state(), "state": state,
+                }, keep=g.keep_checkpoints)
+
+        write_outputs(state, layout, g)
+        for name in ("loss.png", "norms.png"):
+            run.log_artifact(OUT_DIR / "plots" / name, "plots")
+        run.log_artifact(OUT_DIR / "metrics.json")
+        run.log_outputs([OUT_DIR / "model.pt", OUT_DIR / "metrics.json", OUT_DIR / "train_history.csv",
+                         OUT_DIR / "val_history.csv", OUT_DIR / "plots"])
+        best = state["best"]
+        model.load_state_dict(best["model"])
+        version = register_if_better(run.log_torch_model(model.cpu()), REGISTERED_MODEL, "val_loss",
+                                     best["val_loss"])
+        run.set_tags({"champion": version is not None})
+        print(f"best val loss {best['val_loss']:.4f} at epoch {best['epoch']}; "
+              + (f"registered {REGISTERED_MODEL} v{version.version} as champion" if version else
+                 "the current champion stays"))
+
+
+def train_epoch(model, optimizer, train: Split, g: GrokParams, n_groups: int, shuffle: torch.Generator,
+                device: torch.device) -> tuple[float, float]:
+    """One pass over the shuffled training rows; returns the mean loss and the mean gradient norm."""
+    order = torch.randperm(len(train.log2_h), generator=shuffle).to(train.x.device)
+    total_loss, total_grad, steps = 0.0, 0.0, 0
+    for index in order.split(g.batch_size):
+        x = train.x[index].to(device, non_blocking=True)
+        z, aux = model(x, x[:, -n_groups:])
+        loss = log2_loss(z, train.log2_h[index].to(device, non_blocking=True)).mean()
+        optimizer.zero_grad(set_to_none=True)
+        (loss + g.balance_coef * aux).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # measure, don't clip
+        optimizer.step()
+        total_loss += loss.item() * len(index)
+        total_grad += grad_norm.item()
+        steps += 1
+    return total_loss / len(train.log2_h), total_grad / steps
+
+
+def write_outputs(state: dict, layout: FeatureLayout, g: GrokParams) -> None:
+    from labpipe.grok.plots import plot_history
+
+    best, final = state["best"], state["train_history"][-1]
+    with atomic_path(OUT_DIR / "model.pt") as tmp:
+        torch.save({"model": best["model"], "layout": dataclasses.asdict(layout), "params": flatten(g),
+                    "epoch": best["epoch"], "val_loss": best["val_loss"]}, tmp)
+    last_val = state["val_history"][-1]
+    write_json(OUT_DIR / "metrics.json", {
+        "best_val_loss": best["val_loss"],
+        "best_epoch": best["epoch"],
+        "final_train_loss": final["train_loss"],
+        "final_val_loss": last_val["val_loss"],
+        "final_weight_norm": final["weight_norm"],
+        "slingshot_epochs": state["spikes"],
+        "val_loss_per_group": {k: v for k, v in last_val.items() if k not in ("epoch", "val_loss")},
+    })
+    train_columns = ["epoch", "train_loss", "grad_norm", "update_ratio", "lr", "weight_norm"]
+    for name, rows, columns in (("train_history.csv", state["train_history"], train_columns),
+                                ("val_history.csv", state["val_history"], None)):
+        with atomic_path(OUT_DIR / name) as tmp:
+            pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
+    plot_history(state["train_history"], state["val_history"], state["spikes"], OUT_DIR / "plots")

@@ -1,0 +1,48 @@
+"""Shared fixtures: a private MLflow store per test, the repo's params as a mutable dict."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py: the independent oracles
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A real SQLite-backed MLflow store in tmp_path, used through MLFLOW_TRACKING_URI like the Makefile does."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    if mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture
+def repo_params() -> dict:
+    """The repo's params.yaml as a dict, to shrink and write into a test project."""
+    return yaml.safe_load((REPO / "params.yaml").read_text().replace(": off", ': "off"'))
+
+
+def write_params(directory: Path, params: dict) -> Path:
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, mlflow_store, repo_params):
+    """A scratch project directory (cwd) with the repo's params.yaml; returns (path, params dict)."""
+    directory = tmp_path / "project"
+    directory.mkdir()
+    shutil.copy(REPO / "params.yaml", directory / "params.yaml")
+    monkeypatch.chdir(directory)
+    return directory, repo_params
