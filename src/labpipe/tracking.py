@@ -27,7 +27,10 @@ CHAMPION = "champion"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+    """MLFLOW_TRACKING_URI, else mlflow.db at the project root: DVC_ROOT when DVC runs the stage (a queued
+    experiment runs in a temp copy of the project, but its runs belong in the project's store)."""
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:

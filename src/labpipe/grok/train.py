@@ -151,9 +151,10 @@ def evaluate(model: torch.nn.Module, split: Split, n_groups: int, device: torch.
 
 
 def fingerprint(params: GrokParams) -> str:
-    """What a checkpoint must match to be resumed: the params and the exact training data."""
+    """What a checkpoint must match to be resumed: the params, the exact data and this package's code
+    (what the DVC stage depends on, so a checkpoint is resumed exactly when DVC would rerun the stage)."""
     digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode())
-    for path in (TRAIN, VAL):
+    for path in (TRAIN, VAL, *sorted(Path(__file__).parent.glob("*.py"))):
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
@@ -193,7 +194,7 @@ def run_train(params: Params) -> None:
             state = saved["state"]
             print(f"resuming from {newest} (epoch {state['epoch']})")
         else:
-            print(f"checkpoints in {CHECKPOINTS} were made with other params or data: starting afresh")
+            print(f"checkpoints in {CHECKPOINTS} were made with other params, data or code: starting afresh")
             shutil.rmtree(CHECKPOINTS)
 
     with stage_run(params.tracking, LINE, "grok_train", flatten(g, "grok."), state["run_id"]) as run:

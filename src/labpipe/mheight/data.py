@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from labpipe.config import MHeightParams, Params, flatten
 from labpipe.files import atomic_path, write_json
-from labpipe.mheight.exact import m_heights_batch, systematic_generator
+from labpipe.mheight.exact import m_heights_batch
 
 LINE = "mheight-grokking"  # MLflow experiment of the research line
 OUT_DIR = Path("artifacts/mheight")
@@ -60,7 +60,8 @@ def _generate_task(task: tuple) -> tuple[int, np.ndarray, np.ndarray]:
         P = rng.integers(-bound, bound + 1, size=shape).astype(np.float64)
     else:
         P = rng.uniform(-params.p_max, params.p_max, size=shape)
-    heights = m_heights_batch(systematic_generator(P), device=params.device)[:, m]
+    G = np.concatenate([np.broadcast_to(np.eye(k), (count, k, k)), P], axis=2)  # [I_k | P] for every code
+    heights = m_heights_batch(G, device=params.device)[:, m]
     return group_index, P.reshape(count, -1), heights
 
 

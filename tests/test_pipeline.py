@@ -1,0 +1,84 @@
+"""End to end: the real `dvc repro` and `dvc exp run` on a temp copy of the project at a tiny size."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from conftest import REPO, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def _copy_project(destination: Path) -> None:
+    """The files git would put in a fresh clone (tracked, or new and not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+
+
+def _sh(args: list[str], cwd: Path, env: dict) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(tmp_path, repo_params):
+    project = tmp_path / "project"
+    _copy_project(project)
+    repo_params["mheight"].update({"n": [9], "k": [4, 5], "samples_per_group": 12, "train_per_group": 6,
+                                   "val_per_group": 6, "workers": 1})
+    repo_params["grok"].update({"width": 16, "blocks": 1, "batch_size": 16, "epochs": 6, "val_every": 3,
+                                "checkpoint_every": 3, "device": "cpu"})
+    write_params(project, repo_params)
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": uri, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    _sh(["git", "init", "-q", "-b", "main"], project, env)
+    _sh(["git", "add", "-A"], project, env)
+    _sh(["git", "commit", "-qm", "tiny"], project, env)
+    (project / "data").mkdir()  # what `make run` does on a fresh clone: data.dvc tracks the empty folder
+
+    out = _sh(["dvc", "repro"], project, env)
+    for stage in ("mheight_data", "mheight_subsample", "grok_train"):
+        assert f"Running stage '{stage}'" in out
+    dataset = pd.read_parquet(project / "artifacts/mheight/dataset.parquet")
+    assert len(dataset) == 7 * 12  # 7 groups with n=9, k in {4, 5}
+    assert len(pd.read_parquet(project / "artifacts/mheight/train.parquet")) == 7 * 6
+    metrics = json.loads((project / "artifacts/grok/metrics.json").read_text())
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("mheight-grokking")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(r.data.tags["labpipe.stage"] for r in runs) == ["grok_train", "mheight_data", "mheight_subsample"]
+    champion = client.get_model_version_by_alias("mheight-regressor", "champion")
+    grok_run = next(r for r in runs if r.data.tags["labpipe.stage"] == "grok_train")
+    assert champion.run_id == grok_run.info.run_id
+    assert grok_run.data.metrics["val_loss"] == pytest.approx(metrics["final_val_loss"])
+
+    shown = json.loads(_sh(["dvc", "metrics", "show", "--json"], project, env))
+    assert json.dumps(metrics["best_val_loss"]) in json.dumps(shown)
+
+    again = _sh(["dvc", "repro"], project, env)
+    assert "Running stage" not in again  # nothing changed, nothing reruns
+
+    _sh(["git", "add", "-A"], project, env)
+    _sh(["git", "commit", "-qm", "baseline"], project, env)
+    sweep = _sh(["dvc", "exp", "run", "-S", "grok.weight_decay=0.03"], project, env)
+    assert "Running stage 'grok_train'" in sweep and "Running stage 'mheight_data'" not in sweep
+    experiments = json.dumps(json.loads(_sh(["dvc", "exp", "show", "--json"], project, env)))
+    assert '"weight_decay": 0.03' in experiments
+    grok_runs = client.search_runs([experiment.experiment_id], "tags.`labpipe.stage` = 'grok_train'")
+    assert len(grok_runs) == 2
+    swept = next(r for r in grok_runs if r.data.params["grok.weight_decay"] == "0.03")
+    assert swept.data.tags["dvc.exp_name"] in experiments  # the MLflow run names its DVC experiment
