@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import REPO
 from labpipe.config import load_params
 from labpipe.mheight.data import (
     DATASET,
@@ -18,8 +19,6 @@ from labpipe.mheight.data import (
     write_dataset,
 )
 from reference import lp_m_height
-
-from conftest import REPO
 
 
 def _params(*overrides):

@@ -114,7 +114,7 @@ def mlflow_server(tmp_path, monkeypatch):
                 break
         except OSError:
             if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + (tmp_path / "server.log").read_text())
+                raise RuntimeError("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()) from None
             time.sleep(0.5)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)

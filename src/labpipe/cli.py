@@ -10,7 +10,7 @@ import importlib
 import json
 import sys
 
-from labpipe.config import ConfigError, apply_override, build, flatten, load_params, parse_yaml, Params
+from labpipe.config import ConfigError, Params, apply_override, build, flatten, load_params, parse_yaml
 
 # verb -> (module:function, what it does); modules are imported only when their verb runs.
 STAGES = {

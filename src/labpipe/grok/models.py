@@ -2,9 +2,10 @@
 
 Both map features x to a raw score z, read in the log2 domain: log2 h_hat = softplus(z), so h_hat >= 1
 (an m-height is at least 1). The lower bound is the lab's `1 + softplus`, moved to the log scale: targets
-span 2^11..2^31, which a network cannot reach as raw outputs (h_hat = 1 + softplus(z) on the h scale
-would need z ~ 1e9 and stalled at a loss of ~46 at the default). The loss is (log2 h - log2 h_hat)^2.
-Each forward returns (z, aux) where aux is the MoE's load-balancing loss (0 for the ResNet).
+reach 2^22 in the generated data (~2^31 in the course's), which a network cannot output raw (h_hat =
+1 + softplus(z) on the h scale stalled at a loss of ~46 at the default; on the log2 scale it reaches
+~1.9). The loss is (log2 h - log2 h_hat)^2. Each forward returns (z, aux) where aux is the MoE's
+load-balancing loss (0 for the ResNet).
 """
 
 from __future__ import annotations

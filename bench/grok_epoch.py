@@ -1,0 +1,84 @@
+"""Epochs/s of grok_train's epoch (data resident on the device, batches indexed there) vs a DataLoader.
+
+    python bench/grok_epoch.py [--rows 105000 --batch 4096 --device auto]
+
+The baseline is the seed's loop: TensorDataset + DataLoader(shuffle=True) with each batch copied to the
+device. Same model, same rows, same batch size, one process; the figure is the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from labpipe.config import load_params  # noqa: E402
+from labpipe.device import resolve_device  # noqa: E402
+from labpipe.grok.models import build_model, log2_loss  # noqa: E402
+from labpipe.grok.train import Split, place, train_epoch  # noqa: E402
+
+
+def dataloader_epoch(model, optimizer, split: Split, batch: int, n_groups: int, device) -> None:
+    dataset = torch.utils.data.TensorDataset(split.x, split.log2_h)
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True):
+        x, y = x.to(device), y.to(device)
+        z, aux = model(x, x[:, -n_groups:])
+        loss = log2_loss(z, y).mean()
+        optimizer.zero_grad(set_to_none=True)
+        (loss + 0.01 * aux).backward()
+        optimizer.step()
+
+
+def epochs_per_second(run_epoch, epochs: int, device) -> float:
+    run_epoch()  # warm-up: allocator, kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(epochs):
+        run_epoch()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return epochs / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=105_000, help="training rows (seed: 21 groups x 5000)")
+    parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="resnet", choices=["resnet", "moe"])
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    root = Path(__file__).resolve().parents[1]
+    g = load_params(root / "params.yaml", [f"grok.batch_size={args.batch}", f"grok.model={args.model}",
+                                           "grok.blocks=5"]).grok
+    n_groups, d_in = 21, 36 + 21
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(args.rows, d_in, generator=generator)
+    group = torch.randint(0, n_groups, (args.rows,), generator=generator)
+    x[:, 36:] = torch.nn.functional.one_hot(group, n_groups).float()
+    split = Split(x, group, torch.rand(args.rows, generator=generator) * 20, excluded_infinite=0)
+
+    torch.manual_seed(0)
+    model = build_model(g, d_in, n_groups).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
+    resident = place(split, device)
+    ours = epochs_per_second(lambda: train_epoch(model, optimizer, resident, g, n_groups, generator, device),
+                             args.epochs, device)
+    baseline = epochs_per_second(lambda: dataloader_epoch(model, optimizer, split, args.batch, n_groups, device),
+                                 args.epochs, device)
+    print(f"device {device}, {args.rows} rows, batch {args.batch}, {args.model} width {g.width} x 5 blocks")
+    print(f"grok_train epoch (device-resident): {ours:8.3f} epochs/s")
+    print(f"DataLoader baseline:                {baseline:8.3f} epochs/s")
+    print(f"ratio: {ours / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
