@@ -46,3 +46,15 @@ def project(tmp_path, monkeypatch, mlflow_store, repo_params):
     shutil.copy(REPO / "params.yaml", directory / "params.yaml")
     monkeypatch.chdir(directory)
     return directory, repo_params
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where CUDA is present (a lent GPU machine, a GPU CI runner)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

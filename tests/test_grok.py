@@ -130,11 +130,12 @@ def _grok_project(directory: Path, repo_params: dict, **grok) -> None:
     write_params(directory, repo_params)
 
 
-def test_training_run_writes_outputs_logs_metrics_and_registers_a_champion(project):
+@pytest.mark.parametrize("model", ["resnet", "moe"])
+def test_training_run_writes_outputs_logs_metrics_and_registers_a_champion(project, model):
     from labpipe.grok.train import OUT_DIR, REGISTERED_MODEL, run_train
 
     directory, repo_params = project
-    _grok_project(directory, repo_params)
+    _grok_project(directory, repo_params, model=model)
     run_train(load_params("params.yaml"))
 
     metrics = json.loads((OUT_DIR / "metrics.json").read_text())
@@ -215,3 +216,17 @@ def test_checkpoints_of_other_params_are_not_resumed(project, capsys):
     run_train(load_params("params.yaml", ["grok.weight_decay=0.1"]))
     out = capsys.readouterr().out
     assert "made with other params, data or code: starting afresh" in out and "resuming" not in out
+
+
+@pytest.mark.gpu
+def test_the_device_resident_gpu_path_matches_the_cpu_path(project):
+    """Same seed, same data: CUDA and CPU training end at nearly the same loss (not bit-equal: other kernels)."""
+    from labpipe.grok.train import OUT_DIR, run_train
+
+    directory, repo_params = project
+    _grok_project(directory, repo_params, epochs=6, val_every=3)
+    results = {}
+    for device in ("cpu", "cuda"):
+        run_train(load_params("params.yaml", [f"grok.device={device}"]))
+        results[device] = json.loads((OUT_DIR / "metrics.json").read_text())["final_train_loss"]
+    assert results["cuda"] == pytest.approx(results["cpu"], rel=1e-3)
