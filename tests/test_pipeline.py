@@ -17,11 +17,11 @@ pytestmark = pytest.mark.slow
 
 
 def _copy_project(destination: Path) -> None:
-    """The files git would put in a fresh clone (tracked, or new and not ignored)."""
+    """The files git would put in a fresh clone (tracked, or new and not ignored), without stage outputs."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
                             cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, listed):
-        if (REPO / name).is_file():
+        if (REPO / name).is_file() and not name.startswith("artifacts/"):
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, destination / name)
 
@@ -76,9 +76,25 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     _sh(["git", "commit", "-qm", "baseline"], project, env)
     sweep = _sh(["dvc", "exp", "run", "-S", "grok.weight_decay=0.03"], project, env)
     assert "Running stage 'grok_train'" in sweep and "Running stage 'mheight_data'" not in sweep
-    experiments = json.dumps(json.loads(_sh(["dvc", "exp", "show", "--json"], project, env)))
-    assert '"weight_decay": 0.03' in experiments
+    shown = json.loads(_sh(["dvc", "exp", "show", "--json"], project, env))
+    [(name, exp_metrics)] = [(rev.get("name"), rev["data"]["metrics"]["artifacts/grok/metrics.json"]["data"])
+                             for rev in _revisions(shown)
+                             if rev["data"]["params"]["params.yaml"]["data"]["grok"]["weight_decay"] == 0.03
+                             and rev.get("name")]  # the experiment, not the workspace it left behind
     grok_runs = client.search_runs([experiment.experiment_id], "tags.`labpipe.stage` = 'grok_train'")
     assert len(grok_runs) == 2
     swept = next(r for r in grok_runs if r.data.params["grok.weight_decay"] == "0.03")
-    assert swept.data.tags["dvc.exp_name"] in experiments  # the MLflow run names its DVC experiment
+    assert swept.data.tags["dvc.exp_name"] == name  # the MLflow run names its DVC experiment
+    # ... and `dvc exp show` compares the same numbers that MLflow holds for it.
+    assert exp_metrics["final_val_loss"] == pytest.approx(swept.data.metrics["val_loss"])
+
+
+def _revisions(shown):
+    """Every revision record (baseline, workspace, experiments) in `dvc exp show --json`."""
+    for node in shown if isinstance(shown, list) else [shown]:
+        if isinstance(node, dict):
+            if isinstance(node.get("data"), dict) and "params" in node["data"]:
+                yield node
+            for value in node.values():
+                if isinstance(value, list | dict):
+                    yield from _revisions(value)
