@@ -160,20 +160,20 @@ def _heights_chunk(G: torch.Tensor, first_code: int) -> torch.Tensor:
     identity = torch.eye(k, dtype=G.dtype, device=G.device)
     blocks = torch.where(invertible[..., None, None], blocks, identity)
     signs = torch.as_tensor(_sign_vectors(k), device=G.device)
-    # A candidate c = s G_S^-1 G equals s on S exactly, so only the other n-k coordinates are
-    # solved for and sorted. Since d <= n-k+1, only |c|_(m) for
-    # m <= n-k can give a finite height. Merging the k ones into r = sorted |c| outside S gives
-    # |c|_(m) = max(r_(m), min(1, r_(m-k))), with r_(n-k) = 0 and min(1, r_(j)) = 1 for j < 0.
+    # A candidate c = s G_S^-1 G equals s on S exactly, so only the other n-k coordinates are solved for.
+    # No sorting is needed: for m < d, h_m(G) = max over candidates with at most m coordinates above 1 of
+    # max|c|. (>=: each T-LP optimum is such a candidate, its n-m coordinates on T being <= 1. <=: such a
+    # candidate has |c|_(m) <= 1, so max|c| <= h_m(c) <= h_m(G).) A degenerate vertex has extra coordinates
+    # equal to 1 up to rounding: counting only those above 1 + 1e-12 moves a value by at most 1e-12 relative.
     outside = (signs @ torch.linalg.solve(blocks, rest)).abs_()  # (b, subsets, signs, n-k)
-    outside = outside.sort(dim=-1, descending=True).values
-    r_m = torch.nn.functional.pad(outside, (0, 1), value=0.0)
-    min_1_r_m_minus_k = torch.nn.functional.pad(outside.clamp(max=1.0), (k, 0), value=1.0)[..., : n - k + 1]
-    magnitudes = torch.maximum(r_m, min_1_r_m_minus_k)
-
-    ratios = magnitudes[..., :1] / magnitudes  # |c|_(0) / |c|_(m), with |c|_(0) >= 1
-    best_per_block = ratios.amax(dim=2)
+    above_one = (outside > 1.0 + 1e-12).sum(dim=-1)  # in 0..n-k
+    # The k coordinates on S are 1; with k = n there are no others.
+    peak = (outside.amax(dim=-1) if n > k else outside.new_zeros(outside.shape[:-1])).clamp_(min=1.0)
+    peak.masked_fill_(~invertible[..., None], 0.0)
+    best_by_count = torch.zeros(len(G), n - k + 1, dtype=G.dtype, device=G.device)
+    best_by_count.scatter_reduce_(1, above_one.flatten(1), peak.flatten(1), reduce="amax")
     heights = torch.full((len(G), n), torch.inf, dtype=G.dtype, device=G.device)
-    heights[:, : n - k + 1] = best_per_block.masked_fill_(~invertible[..., None], 0.0).amax(dim=1)
+    heights[:, : n - k + 1] = best_by_count.cummax(dim=1).values
 
     distances = _minimum_distances(invertible, n, k)
     beyond_distance = torch.arange(n, device=G.device)[None, :] >= distances[:, None]
