@@ -5,13 +5,17 @@ BIN    := $(VENV)/bin
 # The CPU build on disk; TORCH= (empty) skips it, TORCH='torch==2.13.0+cu126 --index-url ...' picks another.
 TORCH  ?= torch==2.13.0
 WD     ?= 0.01
+H      ?= 64
+K      ?= 100
+HS     ?= 16 32 64
+KS     ?= 100 200
 PORT   ?= 5000
 
 # Every stage and every queued DVC experiment (which runs in a temp copy) logs to this project's store.
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast train-grok sweep-grok ui lint clean
+.PHONY: setup run run-full test test-fast train-grok sweep-grok train-hmm sweep-hmm ui lint clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +47,16 @@ train-grok: setup data
 
 sweep-grok: setup data
 	for wd in 0.01 0.03 0.1; do dvc exp run --queue -S grok.weight_decay=$$wd; done
+	dvc queue start --jobs 1
+	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
+
+train-hmm: setup data
+	dvc exp run -S hmm.hidden_states=$(H) -S hmm.vocab_size=$(K)
+
+# One queued experiment (and one MLflow run) per (H, K); K must be one of text.vocab_sizes.
+sweep-hmm: setup data
+	for k in $(KS); do for h in $(HS); do \
+		dvc exp run --queue -S hmm.hidden_states=$$h -S hmm.vocab_size=$$k; done; done
 	dvc queue start --jobs 1
 	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
 

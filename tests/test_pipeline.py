@@ -39,6 +39,9 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
                                    "val_per_group": 6, "workers": 1})
     repo_params["grok"].update({"width": 16, "blocks": 1, "batch_size": 16, "epochs": 6, "val_every": 3,
                                 "checkpoint_every": 3, "device": "cpu"})
+    repo_params["text"].update({"stories": 60, "vocab_sizes": [60, 100]})
+    repo_params["hmm"].update({"vocab_size": 60, "hidden_states": 4, "epochs": 2, "checkpoint_every": 1,
+                               "device": "cpu"})
     write_params(project, repo_params)
     uri = f"sqlite:///{project / 'mlflow.db'}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -50,7 +53,7 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     (project / "data").mkdir()  # what `make run` does on a fresh clone: data.dvc tracks the empty folder
 
     out = _sh(["dvc", "repro"], project, env)
-    for stage in ("mheight_data", "mheight_subsample", "grok_train"):
+    for stage in ("mheight_data", "mheight_subsample", "grok_train", "corpus", "tokenize", "hmm_train", "hmm_eval"):
         assert f"Running stage '{stage}'" in out
     dataset = pd.read_parquet(project / "artifacts/mheight/dataset.parquet")
     assert len(dataset) == 7 * 12  # 7 groups with n=9, k in {4, 5}
@@ -69,6 +72,15 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     shown = json.loads(_sh(["dvc", "metrics", "show", "--json"], project, env))
     assert json.dumps(metrics["best_val_loss"]) in json.dumps(shown)
 
+    hmm_experiment = client.get_experiment_by_name("in-context-language-learning")
+    hmm_runs = client.search_runs([hmm_experiment.experiment_id])
+    assert sorted(r.data.tags["labpipe.stage"] for r in hmm_runs) == ["corpus", "hmm_eval", "hmm_train", "tokenize"]
+    hmm_metrics = json.loads((project / "artifacts/hmm/metrics.json").read_text())
+    assert float(client.get_model_version_by_alias("hmm-K60", "champion").tags["metric.heldout_ll_per_token"]) \
+        == pytest.approx(hmm_metrics["best_heldout_ll_per_token"])
+    eval_metrics = json.loads((project / "artifacts/hmm/eval/metrics.json").read_text())
+    assert eval_metrics["sequences"]["overall"] > 0
+
     again = _sh(["dvc", "repro"], project, env)
     assert "Running stage" not in again  # nothing changed, nothing reruns
 
@@ -76,6 +88,7 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     _sh(["git", "commit", "-qm", "baseline"], project, env)
     sweep = _sh(["dvc", "exp", "run", "-S", "grok.weight_decay=0.03"], project, env)
     assert "Running stage 'grok_train'" in sweep and "Running stage 'mheight_data'" not in sweep
+    assert "Running stage 'hmm_train'" not in sweep
     shown = json.loads(_sh(["dvc", "exp", "show", "--json"], project, env))
     [(name, exp_metrics)] = [(rev.get("name"), rev["data"]["metrics"]["artifacts/grok/metrics.json"]["data"])
                              for rev in _revisions(shown)

@@ -7,6 +7,7 @@ or absent, because it is written to a temp file and renamed into place.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +50,18 @@ def latest(directory: str | Path) -> Path | None:
 def load(path: str | Path) -> dict[str, Any]:
     # weights_only=False: our checkpoints hold RNG states and plain Python records, and are our own files.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resume(directory: str | Path, fingerprint: str) -> dict[str, Any] | None:
+    """The newest checkpoint in `directory` if it was made with `fingerprint` (the params, data and code of
+    the job), else None; checkpoints of another fingerprint are deleted, so that they are never mixed in."""
+    newest = latest(directory)
+    if newest is None:
+        return None
+    saved = load(newest)
+    if saved.get("fingerprint") == fingerprint:
+        print(f"resuming from {newest} (epoch {saved['state']['epoch']})")
+        return saved
+    print(f"checkpoints in {directory} were made with other params, data or code: starting afresh")
+    shutil.rmtree(directory)
+    return None

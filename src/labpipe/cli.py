@@ -14,6 +14,10 @@ from labpipe.config import ConfigError, Params, apply_override, build, flatten, 
 
 # verb -> (module:function, what it does); modules are imported only when their verb runs.
 STAGES = {
+    "corpus": ("labpipe.text.stages:run_corpus", "stories of the train and test splits as text (stage corpus)"),
+    "tokenize": ("labpipe.text.stages:run_tokenize", "word-level top-K token files (stage tokenize)"),
+    "hmm-train": ("labpipe.hmm.train:run_train", "fit an HMM by minibatch EM (stage hmm_train)"),
+    "hmm-eval": ("labpipe.hmm.evaluate:run_eval", "final-token CE and KL vs uniform/unigram/bigram (stage hmm_eval)"),
     "mheight-data": ("labpipe.mheight.data:run_data", "exact m-heights per (n,k,m) group (stage mheight_data)"),
     "mheight-subsample": ("labpipe.mheight.data:run_subsample", "balanced train/val subsamples per group"),
     "grok-train": ("labpipe.grok.train:run_train", "train the m-height regressor with AdamW (stage grok_train)"),

@@ -66,10 +66,43 @@ class GrokParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class TextParams:
+    source: str  # "generate" (labpipe's seeded story grammar), a Hugging Face dataset name, or a local path
+    train_split: str
+    test_split: str
+    cache_dir: str  # Hugging Face datasets cache; "" for its default
+    text_field: str
+    stories: int  # source=generate: train stories (the test split gets a fifth as many, another seed)
+    limit: int  # a dataset source: stories read per split, 0 for all
+    seed: int
+    vocab_sizes: tuple[int, ...]  # one token file per top-K vocabulary (seed: 100..500)
+
+
+@dataclasses.dataclass(frozen=True)
+class HMMParams:
+    backend: Literal["torch", "pomegranate"]
+    vocab_size: int  # which token file (one of text.vocab_sizes) the HMM is fitted on
+    hidden_states: int
+    seq_length: int  # 0: one sentence per sequence (a line of the token file); L > 0: the file's tokens cut
+    #                  into rows of L, sentences running on (the seed's seq_length, 100..600)
+    epochs: int
+    batch_size: int
+    update_freq: int  # M-step every update_freq minibatches (and at the end of each epoch)
+    eps: float  # probability floor: a symbol absent from a batch never gets probability 0
+    seed: int
+    device: str
+    checkpoint_every: int
+    keep_checkpoints: int
+    memory_budget_gb: float  # refuse to start when the E-step's estimated peak memory exceeds it
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     tracking: TrackingParams
     mheight: MHeightParams
     grok: GrokParams
+    text: TextParams
+    hmm: HMMParams
 
 
 class _Yaml12Loader(yaml.SafeLoader):

@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -184,18 +183,12 @@ def run_train(params: Params) -> None:
              "spike_detector": SpikeDetector(g.spike_factor, g.spike_window)}
 
     fp = fingerprint(g)
-    newest = checkpoint.latest(CHECKPOINTS)
-    if newest is not None:
-        saved = checkpoint.load(newest)
-        if saved["fingerprint"] == fp:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            shuffle.set_state(saved["shuffle_rng"])
-            state = saved["state"]
-            print(f"resuming from {newest} (epoch {state['epoch']})")
-        else:
-            print(f"checkpoints in {CHECKPOINTS} were made with other params, data or code: starting afresh")
-            shutil.rmtree(CHECKPOINTS)
+    saved = checkpoint.resume(CHECKPOINTS, fp)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        shuffle.set_state(saved["shuffle_rng"])
+        state = saved["state"]
 
     with stage_run(params.tracking, LINE, "grok_train", flatten(g, "grok."), state["run_id"]) as run:
         state["run_id"] = run.run_id

@@ -106,8 +106,13 @@ class _KeptSentences:
         }
 
 
-def tokenize_corpus(stories: Callable[[], Iterable[str]], ks: Sequence[int], out_dir: str | Path) -> dict:
+def tokenize_corpus(
+    stories: Callable[[], Iterable[str]], ks: Sequence[int], out_dir: str | Path, vocab: Sequence[str] | None = None
+) -> dict:
     """Write tokens.txt, vocab.json and stats.json for each K in `ks` under out_dir/K{K}; returns {K: stats}.
+
+    `vocab`: a ranking made on another corpus (the train split's), so that a test split gets the same ids;
+    by default the ranking of this corpus.
 
     Two streaming passes over `stories()` (count words, then write), so it must give the same stories every call.
     Stats (lengths count ids, the final 0 included):
@@ -133,7 +138,11 @@ def tokenize_corpus(stories: Callable[[], Iterable[str]], ks: Sequence[int], out
             sentences_total += 1
     if sentences_total == 0:
         raise ValueError("stories() yielded no sentences")
-    vocab = build_vocab(word_counts, ks[-1])
+    if vocab is None:
+        vocab = build_vocab(word_counts, ks[-1])
+    elif len(vocab) < ks[-1]:
+        raise ValueError(f"the given vocabulary has {len(vocab)} words, fewer than K = {ks[-1]}")
+    vocab = list(vocab[: ks[-1]])
     word_ids = {word: word_id for word_id, word in enumerate(vocab)}
     out_of_vocab = len(vocab)  # an id above every K: the sentence is kept nowhere
 
