@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from labpipe import checkpoint
-from labpipe.files import atomic_path, write_json
+from labpipe.files import atomic_dir, atomic_path, write_json
 
 
 def test_latest_orders_by_number_not_by_text(tmp_path):
@@ -46,3 +46,18 @@ def test_temp_files_of_a_killed_write_are_not_checkpoints(tmp_path):
     checkpoint.save(tmp_path, 1, {"epoch": 1})
     (tmp_path / ".epoch_00000002.pt.abc.tmp").write_bytes(b"partial")
     assert checkpoint.latest(tmp_path).name == "epoch_00000001.pt"
+
+
+def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "step_00000010"
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise RuntimeError("killed while writing")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "config.json").write_text('{"a": 1}')
+    with atomic_dir(target) as tmp:  # replaces a previous version whole
+        (tmp / "model.safetensors").write_bytes(b"x")
+    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]

@@ -292,3 +292,18 @@ def test_state_dict_round_trip_through_a_checkpoint(tmp_path):
         HMM.from_state_dict({k: v for k, v in state.items() if k != "end"})
     with pytest.raises(ValueError, match="emission: row"):
         HMM.from_state_dict({**state, "emission": state["emission"] * 2})
+
+
+def test_without_ends_conditions_on_going_on_and_stationary_is_invariant():
+    hmm = HMM.random(4, 5, seed=3)
+    forever = hmm.without_ends()
+    forever.validate()
+    assert (forever.end == 0).all()
+    for i in range(4):  # p(j | i, going on) = A[i, j] / (1 - end[i]), by the definition of conditioning
+        for j in range(4):
+            assert float(forever.transition[i, j]) == pytest.approx(float(hmm.transition[i, j] / (1 - hmm.end[i])))
+    pi = hmm.stationary()
+    # the textbook way: the limit of the chain's powers
+    limit = torch.linalg.matrix_power(forever.transition, 500)[0]
+    torch.testing.assert_close(pi, limit, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(pi @ forever.transition, pi, rtol=1e-10, atol=1e-12)

@@ -97,12 +97,54 @@ class HMMParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class SynthParams:
+    hmm_checkpoint: str  # an hmm_train model.pt ("hmm": HMM.state_dict()); sampled without its ends
+    start: Literal["initial", "stationary"]  # first state: the HMM's start, or the transition's stationary law
+    seq_length: int  # tokens per sequence
+    sequences_per_shard: int  # a shard holds sequences_per_shard * seq_length tokens
+    train_shards: int
+    val_shards: int  # held-out shards for lm_train's validation and lm_eval, generated the same way
+    block_sequences: int  # sequences sampled together (vectorized) and sharing one emission permutation
+    permute_emissions: bool  # a fresh random permutation of the emission symbols per block (seed: per batch)
+    seed: int
+    workers: int  # processes; each shard has its own seed
+    out_dir: str  # where shards go (may be outside the repo); the DVC output is the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class LMParams:
+    hidden_size: int  # LlamaConfig (the seed: d = 768, ~100M parameters)
+    layers: int
+    heads: int
+    intermediate_size: int
+    context_length: int  # max_position_embeddings: synth.seq_length must fit
+    vocab_size: int  # 0: the synthetic data's vocabulary; else at least it
+    batch_size: int  # sequences per step
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    max_steps: int  # cosine decay to lr * min_lr_ratio at max_steps
+    min_lr_ratio: float
+    grad_clip: float
+    eval_every: int
+    eval_sequences: int  # validation sequences per evaluation
+    checkpoint_every: int  # steps; HF save_pretrained directories, the input of dormancy and crosscoder
+    keep_checkpoints: int  # 0 keeps all (dormancy wants the whole trajectory)
+    num_workers: int  # DataLoader workers reading the memmapped shards
+    compile: bool  # torch.compile the model
+    seed: int
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     tracking: TrackingParams
     mheight: MHeightParams
     grok: GrokParams
     text: TextParams
     hmm: HMMParams
+    synth: SynthParams
+    lm: LMParams
 
 
 class _Yaml12Loader(yaml.SafeLoader):

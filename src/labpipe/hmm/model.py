@@ -84,6 +84,27 @@ class HMM:
         moves = floor_rows(torch.cat([self.transition, self.end[:, None]], dim=1))
         return HMM(floor_rows(self.start), moves[:, :-1], moves[:, -1], floor_rows(self.emission))
 
+    def without_ends(self) -> HMM:
+        """The same chain conditioned on going on forever: each row of A divided by 1 - end, end = 0.
+
+        Synthetic sequences of a fixed length are sampled from it, and its next_token_log_probs is then
+        exactly the predictive law of those sequences (the Bayes-optimal loss an LM can reach on them).
+        """
+        going_on = 1 - self.end
+        if (going_on <= 0).any():
+            raise ValueError(f"state {int(going_on.argmin())} always ends: it has no transitions to go on with")
+        return HMM(self.start, self.transition / going_on[:, None], torch.zeros_like(self.end), self.emission)
+
+    def stationary(self) -> torch.Tensor:
+        """pi with pi A = pi and sum 1, for the chain without ends (least squares on the stacked system)."""
+        a = self.without_ends().transition.to(torch.float64)
+        n = a.shape[0]
+        system = torch.cat([a.T - torch.eye(n, dtype=a.dtype), torch.ones(1, n, dtype=a.dtype)])
+        target = torch.zeros(n + 1, dtype=a.dtype)
+        target[-1] = 1
+        pi = torch.linalg.lstsq(system, target[:, None]).solution[:, 0].clamp(min=0)
+        return (pi / pi.sum()).to(self.start.dtype)
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> HMM:
         return HMM(**{f.name: getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)})
 
