@@ -231,6 +231,33 @@ def test_nan_during_em_stops_naming_epoch_and_batch_and_writes_nothing(tokenized
     assert not (OUT_DIR / "model.pt").exists() and checkpoint.list_checkpoints(CHECKPOINTS) == []
 
 
+NAN_IN_EPOCH_3 = """
+import sys
+import labpipe.hmm.train as train
+real = train.em_epoch
+
+def em_epoch(backend, batches, update_freq, eps, epoch):
+    if epoch == 3:  # statistics go NaN, as they did in the seed
+        backend._hmm.emission[:, 5] = float("nan")
+    return real(backend, batches, update_freq, eps, epoch)
+
+train.em_epoch = em_epoch
+from labpipe.cli import main
+sys.exit(main(["hmm-train"]))
+"""
+
+
+def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoints(tokenized):
+    directory, repo_params = tokenized
+    _hmm_project(directory, repo_params, epochs=4)
+    done = _labpipe(directory, NAN_IN_EPOCH_3)
+    assert done.returncode == 1 and "EM diverged in epoch 3, batch " in done.stderr, done.stderr
+    kept = checkpoint.list_checkpoints(CHECKPOINTS)
+    assert [p.name for p in kept] == ["epoch_00000001.pt", "epoch_00000002.pt"]
+    HMM.from_state_dict(checkpoint.load(kept[-1])["hmm"]).validate()  # finite, normalized: good to resume from
+    assert not (OUT_DIR / "model.pt").exists()
+
+
 KILL_IN_EPOCH_3 = """
 import os, signal, sys
 import labpipe.hmm.train as train
