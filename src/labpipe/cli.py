@@ -22,6 +22,7 @@ STAGES = {
     "synth-verify": ("labpipe.synth.generate:run_verify", "check every shard of the manifest against its sha256"),
     "lm-train": ("labpipe.lm.train:run_train", "train a Llama LM on the synthetic shards (stage lm_train)"),
     "lm-eval": ("labpipe.lm.evaluate:run_eval", "in-context learning curve: LM vs HMM Bayes loss (stage lm_eval)"),
+    "dormancy": ("labpipe.dormancy.analysis:run_dormancy", "dormant neurons across checkpoints, appended to a CSV"),
     "mheight-data": ("labpipe.mheight.data:run_data", "exact m-heights per (n,k,m) group (stage mheight_data)"),
     "mheight-subsample": ("labpipe.mheight.data:run_subsample", "balanced train/val subsamples per group"),
     "grok-train": ("labpipe.grok.train:run_train", "train the m-height regressor with AdamW (stage grok_train)"),
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="verb")
     for verb, (_target, help_text) in STAGES.items():
         _add_params_args(verbs.add_parser(verb, help=help_text))
+    _add_dormancy_flags(verbs.choices["dormancy"])
+    plot = verbs.add_parser("dormancy-plot", help="the three dormancy plots and summary statistics from a CSV",
+                            add_help=False)
+    plot.add_argument("plot_args", nargs=argparse.REMAINDER)
     show = verbs.add_parser("params", help="print the resolved params (after --set) as JSON")
     _add_params_args(show)
     profile = verbs.add_parser("profile", help="turn a profile (a partial params file) into DVC -S flags")
@@ -41,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        if args.verb == "dormancy-plot":
+            from labpipe.dormancy.plots import main as plot_main
+
+            return plot_main(args.plot_args)
+        if args.verb == "dormancy":
+            args.set = _dormancy_overrides(args) + args.set
         if args.verb == "profile":
             print(" ".join(profile_flags(args.params, args.profile_file)))
             return 0
@@ -63,6 +74,39 @@ def _add_params_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one param, e.g. --set grok.weight_decay=0.03 (repeatable)")
+
+
+def _add_dormancy_flags(parser: argparse.ArgumentParser) -> None:
+    """The seed's knobs as flags; each is a shorthand for --set dormancy.<key>=..., checked the same way."""
+    parser.add_argument("--model", help="Hugging Face name or local directory")
+    parser.add_argument("--revisions", help="comma-separated, e.g. step1000,step14000")
+    parser.add_argument("--samples", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--thresholds", help="comma-separated, e.g. 0,0.025,0.1")
+    parser.add_argument("--device")
+    parser.add_argument("--output", help="the CSV to append to")
+    parser.add_argument("--quick", action="store_true", help="2 checkpoints, 100 samples")
+
+
+def _dormancy_overrides(args: argparse.Namespace) -> list[str]:
+    def as_list(text: str) -> str:
+        return json.dumps([item.strip() for item in text.split(",") if item.strip()])
+
+    overrides = ["dormancy.max_revisions=2", "dormancy.samples=100"] if args.quick else []
+    for flag, key, value in (("model", "model", args.model), ("revisions", "revisions", args.revisions),
+                             ("samples", "samples", args.samples), ("batch_size", "batch_size", args.batch_size),
+                             ("thresholds", "thresholds", args.thresholds), ("device", "device", args.device),
+                             ("output", "output_csv", args.output)):
+        if value is None:
+            continue
+        if flag == "revisions":
+            value = as_list(value)
+        elif flag == "thresholds":
+            value = "[" + ",".join(item.strip() for item in value.split(",")) + "]"
+        elif flag in ("model", "device", "output"):
+            value = json.dumps(value)  # a quoted YAML string: a name like "off" or "1e3" stays a string
+        overrides.append(f"dormancy.{key}={value}")
+    return overrides
 
 
 def profile_flags(params_path: str, profile_path: str) -> list[str]:

@@ -137,6 +137,22 @@ class LMParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class DormancyParams:
+    model: str  # a Hugging Face causal LM name or a local directory (lm_train's checkpoints: one step_* per revision)
+    revisions: tuple[str, ...]  # hub revisions (step1000...) or step_* directories; empty: every step_* under model
+    max_revisions: int  # 0: all; N: the first N (--quick: 2)
+    text_source: str  # "synth" (the synthetic val shards, token ids), a Hugging Face dataset name, or a local path
+    text_split: str
+    text_field: str
+    samples: int  # sequences per revision (the seed: 500; --quick: 100)
+    max_length: int  # tokens per sample (truncation)
+    batch_size: int
+    thresholds: tuple[float, ...]  # dormant iff score <= tau; all in one pass (the seed: 0, 0.025, 0.1)
+    device: str
+    output_csv: str  # appended: a restarted run skips the revisions already complete
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     tracking: TrackingParams
     mheight: MHeightParams
@@ -145,6 +161,7 @@ class Params:
     hmm: HMMParams
     synth: SynthParams
     lm: LMParams
+    dormancy: DormancyParams
 
 
 class _Yaml12Loader(yaml.SafeLoader):
