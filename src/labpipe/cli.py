@@ -28,6 +28,14 @@ STAGES = {
     "grok-train": ("labpipe.grok.train:run_train", "train the m-height regressor with AdamW (stage grok_train)"),
 }
 
+# verb -> (module:function, what it does): tools with their own flags; the function takes argv, returns the exit code.
+TOOLS = {
+    "dormancy-plot": ("labpipe.dormancy.plots:main", "the three dormancy plots and summary statistics from a CSV"),
+    "doctor": ("labpipe.doctor:main", "check torch/CUDA, MLflow, DVC and disk; non-zero when a requirement fails"),
+    "jobs": ("labpipe.cluster.jobs:main", "submit, list, show, modify and cancel jobs (local DVC queue or Slurm)"),
+    "accelerators": ("labpipe.cluster.accelerators:main", "GPUs here, or per node of the Slurm cluster"),
+}
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="labpipe", description=__doc__.splitlines()[0])
@@ -35,9 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     for verb, (_target, help_text) in STAGES.items():
         _add_params_args(verbs.add_parser(verb, help=help_text))
     _add_dormancy_flags(verbs.choices["dormancy"])
-    plot = verbs.add_parser("dormancy-plot", help="the three dormancy plots and summary statistics from a CSV",
-                            add_help=False)
-    plot.add_argument("plot_args", nargs=argparse.REMAINDER)
+    for verb, (_target, help_text) in TOOLS.items():
+        verbs.add_parser(verb, help=help_text, add_help=False).add_argument("tool_args", nargs=argparse.REMAINDER)
     show = verbs.add_parser("params", help="print the resolved params (after --set) as JSON")
     _add_params_args(show)
     profile = verbs.add_parser("profile", help="turn a profile (a partial params file) into DVC -S flags")
@@ -46,10 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.verb == "dormancy-plot":
-            from labpipe.dormancy.plots import main as plot_main
-
-            return plot_main(args.plot_args)
+        if args.verb in TOOLS:
+            module, function = TOOLS[args.verb][0].split(":")
+            return getattr(importlib.import_module(module), function)(args.tool_args)
         if args.verb == "dormancy":
             args.set = _dormancy_overrides(args) + args.set
         if args.verb == "profile":
