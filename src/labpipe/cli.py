@@ -23,6 +23,8 @@ STAGES = {
     "lm-train": ("labpipe.lm.train:run_train", "train a Llama LM on the synthetic shards (stage lm_train)"),
     "lm-eval": ("labpipe.lm.evaluate:run_eval", "in-context learning curve: LM vs HMM Bayes loss (stage lm_eval)"),
     "dormancy": ("labpipe.dormancy.analysis:run_dormancy", "dormant neurons across checkpoints, appended to a CSV"),
+    "activations": ("labpipe.crosscoder.buffer:run_activations", "harvest two sources' activations into a buffer"),
+    "crosscoder-train": ("labpipe.crosscoder.train:run_train", "train a sparse crosscoder (stage crosscoder_train)"),
     "mheight-data": ("labpipe.mheight.data:run_data", "exact m-heights per (n,k,m) group (stage mheight_data)"),
     "mheight-subsample": ("labpipe.mheight.data:run_subsample", "balanced train/val subsamples per group"),
     "grok-train": ("labpipe.grok.train:run_train", "train the m-height regressor with AdamW (stage grok_train)"),

@@ -153,6 +153,37 @@ class DormancyParams:
 
 
 @dataclasses.dataclass(frozen=True)
+class CrosscoderParams:
+    source_a: str  # a causal LM (local directory, e.g. an lm_train checkpoint, or a Hugging Face name)
+    source_b: str
+    layer_a: int  # residual stream after this decoder layer
+    layer_b: int
+    text_source: str  # "synth" (the synthetic train shards), a Hugging Face dataset name, or a local path
+    buffer_tokens: int  # activation rows harvested once into the on-disk buffer
+    buffer_dtype: Literal["float16", "bfloat16"]
+    buffer_dir: str
+    dict_size: int  # F latents
+    l1_coef: float  # lambda of the sparsity penalty
+    l1_warmup_steps: int  # lambda ramps linearly from 0
+    decoder_norm_in_penalty: bool  # lambda sum_i f_i sum_s |W_dec,i^s| (true) or lambda sum_i f_i (false)
+    init: Literal["kaiming", "normal"]
+    transpose_init: bool  # W_enc = W_dec^T at init
+    dec_init_norm: float  # decoder rows normalized to this norm at init; 0 leaves them as drawn
+    lr: float
+    lr_warmup_steps: int
+    lr_decay_start: float  # fraction of steps after which lr decays linearly to 0
+    steps: int
+    batch_size: int  # activation rows per step
+    grad_clip: float
+    log_every: int
+    dead_window: int  # tokens: a latent not active in the last dead_window tokens is dead
+    checkpoint_every: int
+    num_workers: int  # DataLoader workers over the buffer
+    seed: int
+    device: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Params:
     tracking: TrackingParams
     mheight: MHeightParams
@@ -162,6 +193,7 @@ class Params:
     synth: SynthParams
     lm: LMParams
     dormancy: DormancyParams
+    crosscoder: CrosscoderParams
 
 
 class _Yaml12Loader(yaml.SafeLoader):
