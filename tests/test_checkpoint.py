@@ -61,3 +61,15 @@ def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):
         (tmp / "model.safetensors").write_bytes(b"x")
     assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
     assert [p.name for p in tmp_path.iterdir()] == ["step_00000010"]
+
+
+def test_atomic_outputs_get_the_usual_permissions_not_mkstemps_0600(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {})
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -28,9 +28,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -48,6 +55,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if file.is_file():
                 with open(file, "rb+") as f:
                     os.fsync(f.fileno())
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
         if path.exists():  # os.replace cannot replace a non-empty directory: move the old one aside first
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
