@@ -10,12 +10,14 @@ K      ?= 100
 HS     ?= 16 32 64
 KS     ?= 100 200
 PORT   ?= 5000
+NORMS  ?= 0.03 0.1 0.12 0.14 0.16 0.18 1
 
 # Every stage and every queued DVC experiment (which runs in a temp copy) logs to this project's store.
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast train-grok sweep-grok train-hmm sweep-hmm ui lint clean
+.PHONY: setup run run-full test test-fast train-grok sweep-grok train-hmm sweep-hmm sweep-crosscoder \
+	sweep-crosscoder-plot ui lint clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +61,17 @@ sweep-hmm: setup data
 		dvc exp run --queue -S hmm.hidden_states=$$h -S hmm.vocab_size=$$k; done; done
 	dvc queue start --jobs 1
 	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
+
+# The seed's decoder-init sweep: one queued experiment (and one MLflow run) per crosscoder.dec_init_norm; the
+# buffer is harvested once (stage activations is unchanged across the sweep and restored from the DVC cache).
+sweep-crosscoder: setup data
+	for n in $(NORMS); do dvc exp run --queue -S crosscoder.dec_init_norm=$$n; done
+	dvc queue start --jobs 1
+	@echo "queued; follow with: dvc queue status; when done: make sweep-crosscoder-plot"
+
+# Dead latents and explained variance vs dec_init_norm from the MLflow runs: artifacts/crosscoder/sweep/
+sweep-crosscoder-plot: setup
+	labpipe crosscoder-sweep-plot
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port $(PORT)

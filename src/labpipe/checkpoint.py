@@ -60,7 +60,7 @@ def resume(directory: str | Path, fingerprint: str) -> dict[str, Any] | None:
         return None
     saved = load(newest)
     if saved.get("fingerprint") == fingerprint:
-        print(f"resuming from {newest} (epoch {saved['state']['epoch']})")
+        print(f"resuming from {newest}")  # its name says the epoch or step
         return saved
     print(f"checkpoints in {directory} were made with other params, data or code: starting afresh")
     shutil.rmtree(directory)

@@ -33,6 +33,8 @@ STAGES = {
 # verb -> (module:function, what it does): tools with their own flags; the function takes argv, returns the exit code.
 TOOLS = {
     "dormancy-plot": ("labpipe.dormancy.plots:main", "the three dormancy plots and summary statistics from a CSV"),
+    "crosscoder-sweep-plot": ("labpipe.crosscoder.train:main",
+                              "dead latents and explained variance vs dec_init_norm from the MLflow runs"),
     "doctor": ("labpipe.doctor:main", "check torch/CUDA, MLflow, DVC and disk; non-zero when a requirement fails"),
     "jobs": ("labpipe.cluster.jobs:main", "submit, list, show, modify and cancel jobs (local DVC queue or Slurm)"),
     "accelerators": ("labpipe.cluster.accelerators:main", "GPUs here, or per node of the Slurm cluster"),

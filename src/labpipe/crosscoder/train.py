@@ -1,0 +1,317 @@
+"""Stage crosscoder_train: a sparse crosscoder trained on the activation buffer of stage activations.
+
+Reads crosscoder.buffer_dir; writes artifacts/crosscoder/{model.pt, metrics.json, history.csv,
+plots/training.png}. Adam with
+
+    lr(t)     = lr * min(1, (t + 1) / lr_warmup_steps, (steps - t) / (steps - t_decay))
+                with t_decay = floor(lr_decay_start * steps) and the last factor only from t_decay on:
+                warm-up, constant, then a linear decay that reaches 0 at `steps`
+    lambda(t) = l1_coef * min(1, t / l1_warmup_steps)
+
+for update t = 0 .. steps - 1, gradients clipped to norm grad_clip (0: not clipped). Every log_every steps the
+metrics of metrics.py go to history.csv, MLflow (experiment "crosscoders") and the progress bar. Every
+checkpoint_every steps the model, Adam's state, the dead-latent tracker, the history and the MLflow run id are
+saved atomically; a killed run resumes from the newest checkpoint whose fingerprint (params, buffer, this
+package's code) matches and ends with the same weights as an uninterrupted one, in the same MLflow run: batch t
+is a function of (seed, t) alone (buffer.ShuffledBatches), and nothing else is random after the init.
+
+Final metrics are measured over up to EVAL_ROWS rows spread evenly through the buffer (training rows: the buffer
+has no held-out part). Champion: the run is registered as model "crosscoder" (alias champion) only if its final
+L0 lies in L0_BAND and its final mean explained variance beats the champion's; EVs compare only at equal sparsity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from labpipe import checkpoint
+from labpipe.config import CrosscoderParams, Params, flatten
+from labpipe.crosscoder.buffer import LINE, META, ActivationBuffer, BatchStream
+from labpipe.crosscoder.metrics import DeadLatents, batch_metrics
+from labpipe.crosscoder.model import Crosscoder, LossTerms
+from labpipe.device import resolve_device
+from labpipe.files import atomic_path, sha256_file, write_json
+
+OUT_DIR = Path("artifacts/crosscoder")
+CHECKPOINTS = OUT_DIR / "checkpoints"
+REGISTERED_MODEL = "crosscoder"
+KEEP_CHECKPOINTS = 2  # resume needs the newest; one more in case the disk lost the newest's last write
+EVAL_ROWS = 65536
+L0_BAND = (4.0, 64.0)  # champion candidates: mean active latents per token within this band (inclusive)
+
+
+def lr_at(c: CrosscoderParams, t: int) -> float:
+    factor = min(1.0, (t + 1) / c.lr_warmup_steps) if c.lr_warmup_steps > 0 else 1.0
+    decay_start = int(c.lr_decay_start * c.steps)
+    if t >= decay_start:
+        factor = min(factor, (c.steps - t) / (c.steps - decay_start))
+    return c.lr * factor
+
+
+def l1_coef_at(c: CrosscoderParams, t: int) -> float:
+    return c.l1_coef * min(1.0, t / c.l1_warmup_steps) if c.l1_warmup_steps > 0 else c.l1_coef
+
+
+def check_params(c: CrosscoderParams) -> None:
+    for name in ("dict_size", "steps", "batch_size", "log_every", "checkpoint_every", "dead_window"):
+        if getattr(c, name) <= 0:
+            raise ValueError(f"crosscoder.{name} must be positive, got {getattr(c, name)}")
+    if not 0 <= c.lr_decay_start <= 1:
+        raise ValueError(f"crosscoder.lr_decay_start is a fraction of the steps, got {c.lr_decay_start}")
+    if c.num_workers < 0 or c.lr_warmup_steps < 0 or c.l1_warmup_steps < 0 or c.dec_init_norm < 0:
+        raise ValueError("crosscoder.num_workers, lr_warmup_steps, l1_warmup_steps and dec_init_norm must be >= 0")
+
+
+def fingerprint(c: CrosscoderParams, buffer: ActivationBuffer) -> str:
+    """What a checkpoint must match to be resumed: the params, the buffer (its meta.json holds the data's sha256
+    and the sources it came from) and this package's code."""
+    digest = hashlib.sha256(json.dumps(flatten(c), sort_keys=True).encode())
+    for path in (buffer.directory / META, *sorted(Path(__file__).parent.glob("*.py"))):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, lr: float, l1_coef: float,
+               c: CrosscoderParams) -> tuple[torch.Tensor, torch.Tensor, LossTerms, torch.Tensor]:
+    """One Adam update on batch x; returns (f, x_hat, loss terms, gradient norm before clipping)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    f, x_hat = model(x)
+    terms = model.loss_terms(x, f, x_hat, l1_coef, c.decoder_norm_in_penalty)
+    optimizer.zero_grad(set_to_none=True)
+    terms.loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip if c.grad_clip > 0 else math.inf)
+    optimizer.step()
+    return f.detach(), x_hat.detach(), terms, grad_norm
+
+
+def run_train(params: Params) -> None:
+    """Stage crosscoder_train."""
+    from labpipe.tracking import register_if_better, stage_run
+
+    c = params.crosscoder
+    check_params(c)
+    device = resolve_device(c.device)
+    buffer = ActivationBuffer.open(c.buffer_dir)
+    model = Crosscoder(buffer.d_a, buffer.d_b, c.dict_size)
+    model.init_weights(c.init, c.transpose_init, c.dec_init_norm, torch.Generator().manual_seed(c.seed))
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
+    dead = DeadLatents(c.dict_size, c.dead_window, device)
+    batches_per_epoch = -(-buffer.rows // c.batch_size)
+    state = {"step": 0, "epoch": 0, "history": [], "run_id": None}
+
+    fp = fingerprint(c, buffer)
+    saved = checkpoint.resume(CHECKPOINTS, fp)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        dead.load_state_dict(saved["dead"])
+        state = saved["state"]
+
+    with stage_run(params.tracking, LINE, "crosscoder_train", flatten(c, "crosscoder."), state["run_id"]) as run:
+        state["run_id"] = run.run_id
+        run.set_tags({"device": str(device), "buffer_rows": buffer.rows, "d_a": buffer.d_a, "d_b": buffer.d_b,
+                      "buffer_sha256": buffer.meta["sha256"]})
+        bar = tqdm(total=c.steps, initial=state["step"], desc="crosscoder", unit="step")
+        with BatchStream(buffer, c.batch_size, c.seed, state["step"], c.steps, c.num_workers, device) as batches:
+            for step, x in zip(range(state["step"] + 1, c.steps + 1), batches, strict=True):
+                lr, l1_coef = lr_at(c, step - 1), l1_coef_at(c, step - 1)
+                f, x_hat, terms, grad_norm = train_step(model, optimizer, x, lr, l1_coef, c)
+                dead.update(f)
+                if step % c.log_every == 0 or step == c.steps:
+                    metrics = {**batch_metrics(x, f, x_hat, buffer.d_a, dead, loss=terms.loss, mse=terms.mse,
+                                               l1=terms.l1, grad_norm=grad_norm),
+                               "lr": lr, "lambda": l1_coef, "epoch": step / batches_per_epoch}
+                    state["history"].append({"step": step, **metrics})
+                    run.log_metrics(metrics, step=step)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", ev=f"{metrics['mean_explained_variance']:.3f}",
+                                    l0=f"{metrics['l0']:.1f}", dead=f"{metrics['pct_dead_neurons']:.1%}")
+                state["step"], state["epoch"] = step, step // batches_per_epoch
+                if step % c.checkpoint_every == 0 or step == c.steps:
+                    checkpoint.save(CHECKPOINTS, step, {
+                        "fingerprint": fp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "dead": dead.state_dict(), "state": state}, keep=KEEP_CHECKPOINTS, unit="step")
+                bar.update()
+        bar.close()
+
+        final = {**evaluate(model, buffer, c, device), "total_dead_neurons": int(dead.dead().sum()),
+                 "pct_dead_neurons": float(dead.dead().float().mean()), "total_neurons": c.dict_size,
+                 "steps": c.steps}
+        final["in_l0_band"] = L0_BAND[0] <= final["l0"] <= L0_BAND[1]
+        write_outputs(model, buffer, state["history"], final, c)
+        run.log_metrics({f"final_{name}": value for name, value in final.items()}, step=c.steps)
+        run.log_artifact(OUT_DIR / "plots" / "training.png", "plots")
+        run.log_artifact(OUT_DIR / "metrics.json")
+        run.log_outputs([OUT_DIR / "model.pt", OUT_DIR / "metrics.json", OUT_DIR / "history.csv", OUT_DIR / "plots"])
+        uri = run.log_torch_model(model.cpu())
+        version = None
+        if final["in_l0_band"]:
+            version = register_if_better(uri, REGISTERED_MODEL, "mean_explained_variance",
+                                         final["mean_explained_variance"], lower_is_better=False)
+        run.set_tags({"champion": version is not None})
+        print(f"final: explained variance {final['mean_explained_variance']:.4f} "
+              f"(a {final['mean_explained_variance_a']:.4f}, b {final['mean_explained_variance_b']:.4f}), "
+              f"L0 {final['l0']:.2f}, dead {final['pct_dead_neurons']:.2%}; "
+              + (f"registered {REGISTERED_MODEL} v{version.version} as champion" if version else
+                 "the current champion stays" if final["in_l0_band"] else
+                 f"L0 outside {L0_BAND}: not a champion candidate"))
+
+
+@torch.no_grad()
+def evaluate(model: Crosscoder, buffer: ActivationBuffer, c: CrosscoderParams, device: torch.device) -> dict:
+    """Explained variance per source, L0, mse and l1 over up to EVAL_ROWS rows spread evenly over the buffer.
+
+    EV_s = 1 - sum ||a^s - a_hat^s||^2 / sum ||a^s - mean(a^s)||^2 over all those rows, in one pass with
+    sum ||a - mean||^2 = sum ||a||^2 - ||sum a||^2 / n, the sums of each chunk added up in float64 on the host.
+    """
+    model = model.to(device)
+    rows = np.unique(np.linspace(0, buffer.rows - 1, min(EVAL_ROWS, buffer.rows)).astype(np.int64))
+    array, scale = buffer.array(), buffer.scale_vector(device)
+    sources = model.sources()
+    residual, squares = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(buffer.width, dtype=torch.float64)
+    mse = l1 = active = 0.0
+    for chunk in np.array_split(rows, -(-len(rows) // c.batch_size)):
+        x = buffer.to_float(torch.from_numpy(array[chunk].view(np.int16)).to(device), scale)
+        f, x_hat = model(x)
+        terms = model.loss_terms(x, f, x_hat, 0.0, c.decoder_norm_in_penalty)
+        error = (x - x_hat).pow(2)
+        residual += torch.stack([error[:, s].sum() for s in sources]).cpu().double()
+        squares += torch.stack([x[:, s].pow(2).sum() for s in sources]).cpu().double()
+        sums += x.sum(dim=0).cpu().double()
+        mse += terms.mse.item() * len(chunk)
+        l1 += terms.l1.item() * len(chunk)
+        active += (f > 0).sum().item()
+    n = len(rows)
+    total = squares - torch.stack([sums[s].pow(2).sum() for s in sources]) / n
+    ev_a, ev_b = (1 - residual / total).tolist()
+    return {"mean_explained_variance": (ev_a + ev_b) / 2, "mean_explained_variance_a": ev_a,
+            "mean_explained_variance_b": ev_b, "l0": active / n, "mse": mse / n, "l1": l1 / n, "eval_rows": n}
+
+
+def write_outputs(model: Crosscoder, buffer: ActivationBuffer, history: list[dict], final: dict,
+                  c: CrosscoderParams) -> None:
+    with atomic_path(OUT_DIR / "model.pt") as tmp:
+        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": model.config,
+                    "scales": list(buffer.scales), "params": flatten(c), "step": c.steps,
+                    "buffer": {"directory": str(buffer.directory), "sha256": buffer.meta["sha256"],
+                               "inputs": buffer.meta["inputs"]}}, tmp)
+    write_json(OUT_DIR / "metrics.json", {**final, "l0_band": list(L0_BAND)})
+    frame = pd.DataFrame(history)
+    with atomic_path(OUT_DIR / "history.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    plot_training(frame, OUT_DIR / "plots" / "training.png")
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+
+
+def plot_training(history: pd.DataFrame, path: Path) -> None:
+    """Explained variance (a, b, mean) and dead latents (%) against the step."""
+    plt = _pyplot()
+    figure, (ev, dead) = plt.subplots(1, 2, figsize=(10, 4))
+    for column, label in (("mean_explained_variance", "mean"), ("mean_explained_variance_a", "source a"),
+                          ("mean_explained_variance_b", "source b")):
+        ev.plot(history.step, history[column], label=label)
+    ev.set(xlabel="step", ylabel="explained variance (batch)", title="Reconstruction",
+           ylim=(0, 1))  # below 0 (worse than the batch mean, the first steps) is off the chart
+    ev.legend()
+    dead.plot(history.step, 100 * history.pct_dead_neurons)
+    dead.set(xlabel="step", ylabel="dead latents (%)", title="Dead latents")
+    _save(figure, path)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------- the dec_init_norm sweep
+
+# Params that do not change what a run computes: runs that differ only in these (and dec_init_norm) compare.
+_NOT_RESULTS = {"crosscoder.device", "crosscoder.num_workers", "crosscoder.log_every", "crosscoder.checkpoint_every"}
+SWEEP_COLUMNS = ("mean_explained_variance", "mean_explained_variance_a", "mean_explained_variance_b",
+                 "pct_dead_neurons", "total_dead_neurons", "l0")
+
+
+def sweep_table(tracking_uri: str) -> pd.DataFrame:
+    """One row per dec_init_norm: the final metrics of the finished crosscoder_train runs comparable to the
+    newest one (equal in every param that changes the result, but dec_init_norm), the newest run per value."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(LINE)
+    runs = [] if experiment is None else client.search_runs(
+        [experiment.experiment_id], "tags.`labpipe.stage` = 'crosscoder_train' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"])
+    runs = [run for run in runs if "final_mean_explained_variance" in run.data.metrics]
+    if not runs:
+        raise ValueError(f"no finished crosscoder_train runs in experiment {LINE!r} of {tracking_uri}")
+
+    def setting(run) -> dict:
+        return {k: v for k, v in run.data.params.items() if k not in _NOT_RESULTS | {"crosscoder.dec_init_norm"}}
+
+    rows = {}
+    for run in runs:  # newest first
+        norm = float(run.data.params["crosscoder.dec_init_norm"])
+        if setting(run) == setting(runs[0]) and norm not in rows:
+            rows[norm] = {"dec_init_norm": norm, "run_id": run.info.run_id,
+                          **{name: run.data.metrics[f"final_{name}"] for name in SWEEP_COLUMNS}}
+    return pd.DataFrame(sorted(rows.values(), key=lambda row: row["dec_init_norm"]))
+
+
+def plot_sweep(tracking_uri: str, out_path: str | Path) -> pd.DataFrame:
+    """Dead latents and explained variance against dec_init_norm (the seed's sweep: 0.03 .. 1) from the MLflow
+    runs of the crosscoders experiment; writes the plot and its table (a CSV beside it). Returns the table."""
+    out_path = Path(out_path)
+    table = sweep_table(tracking_uri)
+    plt = _pyplot()
+    figure, (dead, ev) = plt.subplots(1, 2, figsize=(10, 4))
+    dead.plot(table.dec_init_norm, 100 * table.pct_dead_neurons, marker="o")
+    dead.set(xscale="log", xlabel="dec_init_norm", ylabel="dead latents at the end (%)", title="Dead latents")
+    for column, label in (("mean_explained_variance", "mean"), ("mean_explained_variance_a", "source a"),
+                          ("mean_explained_variance_b", "source b")):
+        ev.plot(table.dec_init_norm, table[column], marker="o", label=label)
+    ev.set(xscale="log", xlabel="dec_init_norm", ylabel="explained variance", title="Reconstruction")
+    ev.legend()
+    _save(figure, out_path)
+    plt.close(figure)
+    with atomic_path(out_path.with_suffix(".csv")) as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """labpipe crosscoder-sweep-plot [--out PATH] [--tracking-uri URI]."""
+    from labpipe.tracking import tracking_uri
+
+    parser = argparse.ArgumentParser(prog="labpipe crosscoder-sweep-plot", description=plot_sweep.__doc__)
+    parser.add_argument("--out", default=str(OUT_DIR / "sweep" / "dec_init_norm.png"))
+    parser.add_argument("--tracking-uri", default=None, help="default: the project's store (MLFLOW_TRACKING_URI)")
+    args = parser.parse_args(argv)
+    try:
+        table = plot_sweep(args.tracking_uri or tracking_uri(), args.out)
+    except ValueError as error:
+        print(f"crosscoder-sweep-plot: error: {error}")
+        return 2
+    print(table.to_string(index=False))
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.csv')}")
+    return 0

@@ -1,0 +1,536 @@
+"""Crosscoder line: loss, init and metrics against hand and numpy computations; the activation buffer (atomic
+write, normalization, every row once per epoch with workers); the harvest from two tiny Llamas against their
+forward pass; training on a planted dictionary; SIGKILL + resume; the dec_init_norm sweep plot."""
+
+import json
+import math
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import write_params
+from labpipe import checkpoint
+from labpipe.cli import main as cli
+from labpipe.config import CrosscoderParams, build, flatten, load_params
+from labpipe.crosscoder.buffer import DATA, ActivationBuffer, BatchStream, ShuffledBatches, write_buffer
+from labpipe.crosscoder.metrics import DeadLatents, activity, batch_metrics, explained_variance
+from labpipe.crosscoder.model import Crosscoder, load_crosscoder
+from labpipe.crosscoder.train import CHECKPOINTS, OUT_DIR, l1_coef_at, lr_at, plot_sweep
+from labpipe.files import sha256_file
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and immune to the other cores being busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- model: loss and init ----------------------------------------------------------------------------------
+
+
+def test_loss_matches_a_hand_computation_with_and_without_the_decoder_norm():
+    model = Crosscoder(d_a=1, d_b=2, dict_size=2)  # x = [a | b], a in R^1, b in R^2
+    with torch.no_grad():
+        model.W_enc.copy_(torch.tensor([[1.0, 0], [0, 1], [1, -1]]))
+        model.b_enc.copy_(torch.tensor([0.0, -1]))
+        model.W_dec.copy_(torch.tensor([[3.0, 0, 4], [0, 1, 0]]))
+        model.b_dec.copy_(torch.tensor([0.0, 1, 0]))
+    x = torch.tensor([[1.0, 2, 0], [0, 1, 1]])
+    f, x_hat = model(x)
+    # x W_enc + b_enc = [[1, 2-1], [1, 0-1]] -> f = [[1, 1], [1, 0]]
+    assert f.tolist() == [[1, 1], [1, 0]]
+    # x_hat = f W_dec + b_dec = [[3, 2, 4], [3, 1, 4]]; squared errors 4+0+16 = 20 and 9+0+9 = 18
+    assert x_hat.tolist() == [[3, 2, 4], [3, 1, 4]]
+    # ||W_dec,i^s||: latent 0: a |3| = 3, b |(0, 4)| = 4; latent 1: a 0, b 1
+    assert model.decoder_norms().tolist() == [[3, 4], [0, 1]]
+    with_norm = model.loss_terms(x, f, x_hat, l1_coef=0.5, decoder_norm_in_penalty=True)
+    # penalty per row: 1*7 + 1*1 = 8 and 1*7 = 7, mean 7.5; loss = (20+18)/2 + 0.5 * 7.5
+    assert (with_norm.mse.item(), with_norm.l1.item(), with_norm.loss.item()) == (19, 7.5, 22.75)
+    without = model.loss_terms(x, f, x_hat, l1_coef=0.5, decoder_norm_in_penalty=False)
+    # penalty per row: sum_i f_i = 2 and 1, mean 1.5
+    assert (without.mse.item(), without.l1.item(), without.loss.item()) == (19, 1.5, 19.75)
+
+
+def test_init_normalizes_decoder_rows_per_source_and_transposes_the_encoder():
+    model = Crosscoder(d_a=5, d_b=7, dict_size=16)
+    model.init_weights("kaiming", transpose_init=True, dec_init_norm=0.1, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model.decoder_norms(), torch.full((16, 2), 0.1))
+    assert torch.equal(model.W_enc, model.W_dec.T)
+    assert not model.b_enc.any() and not model.b_dec.any()
+
+    again = Crosscoder(5, 7, 16)
+    again.init_weights("kaiming", True, 0.1, torch.Generator().manual_seed(0))
+    assert torch.equal(again.W_dec, model.W_dec)  # seeded
+
+    raw = Crosscoder(5, 7, 16)
+    raw.init_weights("kaiming", transpose_init=False, dec_init_norm=0, generator=torch.Generator().manual_seed(0))
+    assert raw.W_dec.abs().max() <= math.sqrt(6 / 16) and raw.W_enc.abs().max() <= math.sqrt(6 / 12)
+    assert not torch.allclose(raw.decoder_norms(), raw.decoder_norms()[0, 0])  # left as drawn
+    assert not torch.equal(raw.W_enc, raw.W_dec.T)
+
+
+# ---- metrics against numpy ---------------------------------------------------------------------------------
+
+
+def test_explained_variance_and_activity_counts_match_numpy():
+    rng = np.random.default_rng(0)
+    d_a, d_b, batch, latents = 3, 5, 64, 10
+    x = rng.normal(size=(batch, d_a + d_b)) * [1, 2, 3, 1, 1, 1, 4, 1] + 2
+    x_hat = x + rng.normal(size=x.shape) * 0.5
+    f = np.maximum(rng.normal(size=(batch, latents)) - 1, 0)
+    f[:, 3] = 0  # a latent that never fires
+    f[7] = 0  # a token on which no latent fires
+    ev_a, ev_b = explained_variance(torch.tensor(x), torch.tensor(x_hat), d_a)
+    for ev, s in ((ev_a, slice(0, d_a)), (ev_b, slice(d_a, None))):
+        a, a_hat = x[:, s], x_hat[:, s]
+        expected = 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(axis=0)) ** 2).sum()
+        assert ev.item() == pytest.approx(expected, rel=1e-12)
+
+    got = {k: v.item() for k, v in activity(torch.tensor(f)).items()}
+    count = (f > 0).sum(axis=0)  # per latent, tokens that activate it
+    assert got["total_inactive"] == ((f > 0).sum(axis=1) == 0).sum() >= 1
+    assert got["mean_active"] == pytest.approx(count.mean()) and got["mean_active_pct"] == pytest.approx(
+        count.mean() / batch)
+    assert (got["max_active"], got["min_active"]) == (count.max(), 0)
+    assert got["max_active_pct"] == pytest.approx(count.max() / batch) and got["min_active_pct"] == 0
+    assert got["l0"] == pytest.approx((f > 0).sum(axis=1).mean())
+    assert got["mean_active_pct"] == pytest.approx(got["l0"] / latents)  # the same fraction seen both ways
+
+
+def test_dead_latents_match_a_direct_count_over_the_window():
+    rng = np.random.default_rng(1)
+    latents, window = 12, 50
+    sizes = [16, 7, 16, 30, 5, 16, 16, 9]
+    firing_rate = np.linspace(0, 0.3, latents)  # latent 0 never fires, the last ones nearly always
+    batches = [np.maximum(rng.random((n, latents)) - (1 - firing_rate), 0) for n in sizes]
+    batches[2][:, 5] = 1.0  # latent 5 fires in batch 2 only
+    for b in batches[3:]:
+        b[:, 5] = 0
+    tracker = DeadLatents(latents, window)
+    for k, f in enumerate(batches):
+        tracker.update(torch.tensor(f))
+        # direct: tokens in the batches after the last one in which the latent fired (all tokens if never)
+        seen = np.cumsum(sizes[: k + 1])
+        expected = []
+        for i in range(latents):
+            fired = [j for j in range(k + 1) if (batches[j][:, i] > 0).any()]
+            silent = seen[-1] - (seen[fired[-1]] if fired else 0)
+            expected.append(silent >= window)
+        assert tracker.dead().tolist() == expected, k
+    assert tracker.dead()[0] and tracker.dead()[5] and not tracker.dead()[-1]
+    x = torch.randn(9, 4)
+    metrics = batch_metrics(x, torch.tensor(batches[-1]), x, 2, tracker)
+    assert metrics["total_dead_neurons"] == sum(expected) and metrics["total_neurons"] == latents
+    assert metrics["pct_dead_neurons"] == pytest.approx(sum(expected) / latents)
+    assert metrics["mean_explained_variance"] == 1.0
+
+
+def test_lr_warms_up_holds_and_decays_to_zero_and_lambda_warms_up(repo_params):
+    c = build(CrosscoderParams, {**repo_params["crosscoder"], "lr": 1.0, "lr_warmup_steps": 10, "steps": 100,
+                        "lr_decay_start": 0.8, "l1_coef": 2.0, "l1_warmup_steps": 20}, where="test")
+    assert [lr_at(c, t) for t in (0, 4, 9, 50, 80, 90, 99)] == pytest.approx([0.1, 0.5, 1, 1, 1, 0.5, 0.05])
+    assert [l1_coef_at(c, t) for t in (0, 5, 20, 90)] == pytest.approx([0, 0.5, 2, 2])
+
+
+# ---- the buffer ---------------------------------------------------------------------------------------------
+
+
+def _write(directory: Path, x: np.ndarray, d_a: int, dtype: str = "float16", chunk: int = 300) -> ActivationBuffer:
+    chunks = ((torch.from_numpy(x[i : i + chunk, :d_a]), torch.from_numpy(x[i : i + chunk, d_a:]))
+              for i in range(0, len(x), chunk))
+    write_buffer(directory, chunks, len(x), d_a, x.shape[1] - d_a, dtype, {"test": True})
+    return ActivationBuffer.open(directory)
+
+
+def _indexed_rows(rows: int, d_a: int = 2, d_b: int = 3) -> np.ndarray:
+    """Row i holds i in its first column (exact in float16 up to 2048) and ones elsewhere."""
+    x = np.ones((rows, d_a + d_b), dtype=np.float32)
+    x[:, 0] = np.arange(rows)
+    return x
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_epoch_visits_every_row_exactly_once(tmp_path, num_workers):
+    buffer = _write(tmp_path / "buffer", _indexed_rows(1000), d_a=2)
+    batch, per_epoch = 96, 11  # ten full batches and a last one of 40 rows
+
+    def rows_of(stream) -> list[np.ndarray]:
+        return [np.rint(x[:, 0].numpy() / buffer.scales[0]).astype(int) for x in stream]
+
+    with BatchStream(buffer, batch, seed=3, start=0, stop=2 * per_epoch + 3, num_workers=num_workers) as stream:
+        batches = rows_of(stream)
+    assert [len(b) for b in batches] == [96] * 10 + [40] + [96] * 10 + [40] + [96] * 3
+    for epoch in (0, 1):
+        visited = np.concatenate(batches[epoch * per_epoch : (epoch + 1) * per_epoch])
+        np.testing.assert_array_equal(np.sort(visited), np.arange(1000))
+    assert not np.array_equal(batches[0], batches[per_epoch])  # each epoch has its own order
+
+    with BatchStream(buffer, batch, seed=3, start=13, stop=16, num_workers=num_workers) as stream:
+        resumed = rows_of(stream)  # a run resumed at step 13 gets the batches an uninterrupted one does
+    for got, expected in zip(resumed, batches[13:16], strict=True):
+        np.testing.assert_array_equal(got, expected)
+    with BatchStream(buffer, batch, seed=4, start=0, stop=1) as stream:
+        assert not np.array_equal(rows_of(stream)[0], batches[0])
+
+
+def test_workers_get_the_file_not_a_copy_of_the_rows(tmp_path):
+    buffer = _write(tmp_path / "buffer", np.random.default_rng(0).normal(size=(20000, 16)).astype(np.float32), 8)
+    dataset = ShuffledBatches(buffer, batch_size=64, seed=0)
+    dataset[0]  # the memmap and epoch 0's permutation are now open in this process
+    assert (buffer.directory / DATA).stat().st_size == 640000
+    assert len(pickle.dumps(dataset)) < 4000  # what a spawned worker receives: the path and the metadata
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rows_are_normalized_to_mean_norm_sqrt_d_per_source(tmp_path, dtype):
+    rng = np.random.default_rng(2)
+    d_a, d_b = 6, 10
+    x = np.concatenate([rng.normal(size=(700, d_a)) * 30 + 5, rng.normal(size=(700, d_b)) * 0.01], axis=1)
+    buffer = _write(tmp_path / "buffer", x.astype(np.float32), d_a, dtype)
+    stored = torch.from_numpy(np.array(buffer.array()).view(np.int16)).view(getattr(torch, dtype))
+    assert torch.equal(stored, torch.from_numpy(x).float().to(getattr(torch, dtype)))  # bf16 as its bit patterns
+    with BatchStream(buffer, 128, seed=0, start=0, stop=6) as stream:  # one epoch: 700 rows
+        batches = list(stream)
+    dataset = ShuffledBatches(buffer, 128, seed=0)
+    for index, batch in enumerate(batches):  # numpy's conversion (the CPU path) is torch's, bit for bit
+        raw = dataset[index].view(getattr(torch, dtype))
+        assert torch.equal(batch, raw.float() * buffer.scale_vector())
+    rows = torch.cat(batches)
+    assert len(rows) == 700
+    assert rows[:, :d_a].norm(dim=1).mean().item() == pytest.approx(math.sqrt(d_a), rel=1e-5)
+    assert rows[:, d_a:].norm(dim=1).mean().item() == pytest.approx(math.sqrt(d_b), rel=1e-5)
+    assert buffer.meta["sha256"] == sha256_file(buffer.directory / DATA)
+
+
+def test_a_failed_write_leaves_the_previous_buffer_and_no_partial_one(tmp_path):
+    directory = tmp_path / "buffer"
+    old = _write(directory, _indexed_rows(100), 2)
+
+    def chunks():
+        yield torch.ones(50, 2), torch.ones(50, 3)
+        raise KeyboardInterrupt  # killed mid-harvest
+
+    with pytest.raises(KeyboardInterrupt):
+        write_buffer(directory, chunks(), 100, 2, 3, "float16", {})
+    assert ActivationBuffer.open(directory).meta == old.meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer"]  # no temp directory left either
+    with pytest.raises(ValueError, match="overflow float16, use buffer_dtype=bfloat16"):
+        write_buffer(tmp_path / "big", [(torch.full((4, 2), 7e4), torch.ones(4, 3))], 4, 2, 3, "float16", {})
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(ValueError, match="no activation buffer at .*run the activations stage first"):
+        ActivationBuffer.open(tmp_path / "big")
+
+
+# ---- the harvest from two tiny Llamas -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llamas(tmp_path_factory) -> dict[str, Path]:
+    """Two Llamas of different widths (16 and 24), built from configs and saved like lm_train's checkpoints."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("models")
+    paths = {}
+    for name, width in (("a", 16), ("b", 24)):
+        torch.manual_seed(len(name) + width)
+        config = LlamaConfig(vocab_size=32, hidden_size=width, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+        LlamaForCausalLM(config).save_pretrained(root / name)
+        paths[name] = root / name
+    return paths
+
+
+def _synth_manifest(directory: Path, sequences: int = 8, seq_length: int = 16) -> np.ndarray:
+    """Two train shards (and a val shard) of random token ids under the manifest's contract; the train tokens."""
+    from labpipe.synth.manifest import MANIFEST, Shard, write_manifest
+
+    rng = np.random.default_rng(5)
+    out_dir = directory / "shards"
+    out_dir.mkdir()
+    shards, train = [], []
+    for split, index in (("train", 0), ("train", 1), ("val", 0)):
+        tokens = rng.integers(0, 32, size=(sequences, seq_length)).astype("<u2")
+        file = f"{split}_{index:05d}.bin"
+        tokens.tofile(out_dir / file)
+        shards.append(Shard(split, index, file, tokens.size, sequences, sha256_file(out_dir / file), index, ()))
+        if split == "train":
+            train.append(tokens)
+    write_manifest(MANIFEST, {"dtype": "<u2", "vocab_size": 32, "seq_length": seq_length,
+                              "sequences_per_shard": sequences, "start": "stationary", "permute_emissions": False,
+                              "block_sequences": sequences, "hmm": {}, "out_dir": str(out_dir)}, shards)
+    return np.concatenate(train)
+
+
+def _residual_by_hook(path: Path, ids: np.ndarray, layer: int) -> torch.Tensor:
+    """The output of decoder layer `layer`, caught by a forward hook: the residual stream after it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path).float().eval()
+    caught = []
+    model.model.layers[layer].register_forward_hook(lambda m, i, out: caught.append(out[0] if isinstance(
+        out, tuple) else out))
+    with torch.no_grad():
+        model(torch.from_numpy(ids.astype(np.int64)))
+    return caught[0].flatten(0, 1)
+
+
+def _crosscoder_params(directory: Path, repo_params: dict, **crosscoder) -> None:
+    write_params(directory, {**repo_params, "crosscoder": {**repo_params["crosscoder"], "device": "cpu",
+                                                           **crosscoder}})
+
+
+def test_harvest_stores_both_residual_streams_on_the_same_tokens(project, tiny_llamas, capsys):
+    directory, repo_params = project
+    train = _synth_manifest(directory)
+    # layer_a = 1 is the last layer: without tie_last_hidden_states = False it would be the final norm's output
+    _crosscoder_params(directory, repo_params, source_a=str(tiny_llamas["a"]), source_b=str(tiny_llamas["b"]),
+                       layer_a=1, layer_b=0, buffer_tokens=200, buffer_dir="buffer")
+    params = load_params("params.yaml")
+    (directory / ".buffer.x1y2.tmp").mkdir()  # the temp directory of a harvest that was SIGKILLed
+    assert cli(["activations"]) == 0
+    assert not (directory / ".buffer.x1y2.tmp").exists()
+    buffer = ActivationBuffer.open("buffer")
+    assert (buffer.rows, buffer.d_a, buffer.d_b, buffer.dtype) == (200, 16, 24, "float16")
+    inputs = buffer.meta["inputs"]
+    assert inputs["source_a"] == {"name": str(tiny_llamas["a"]), "layer": 1,
+                                  "sha256": inputs["source_a"]["sha256"]} and inputs["tokens"]["text_source"] == "synth"
+    assert buffer.meta["sha256"] == sha256_file(buffer.directory / DATA)
+
+    stored = torch.from_numpy(buffer.array().astype(np.float32))  # raw, unscaled
+    ids = train[:13]  # 200 tokens: 12 whole sequences of 16 and half of the 13th
+    expected_a = _residual_by_hook(tiny_llamas["a"], ids, 1)[:200]
+    expected_b = _residual_by_hook(tiny_llamas["b"], ids, 0)[:200]
+    torch.testing.assert_close(stored[:, :16], expected_a, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(stored[:, 16:], expected_b, rtol=2e-3, atol=2e-3)
+    norms = [stored[:, :16].norm(dim=1).mean().item(), stored[:, 16:].norm(dim=1).mean().item()]
+    assert buffer.scales == pytest.approx([4 / norms[0], math.sqrt(24) / norms[1]], rel=1e-5)
+
+    capsys.readouterr()
+    before = (buffer.directory / DATA).stat().st_mtime_ns
+    from labpipe.crosscoder.buffer import run_activations
+
+    run_activations(params)  # harvested once: same sources and tokens -> nothing to do
+    assert "up to date" in capsys.readouterr().out
+    assert (buffer.directory / DATA).stat().st_mtime_ns == before
+    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("crosscoders").experiment_id])[0]
+    assert run.data.tags["labpipe.stage"] == "activations" and run.data.metrics["rows"] == 200
+
+
+def test_a_missing_source_is_a_clear_error(project, capsys):
+    directory, repo_params = project
+    _crosscoder_params(directory, repo_params, source_a="artifacts/lm/checkpoints/step_00000100")
+    assert cli(["activations"]) == 2
+    assert "neither a local save_pretrained directory nor a reachable hub model" in capsys.readouterr().err
+
+
+def test_harvest_from_a_text_file_with_the_sources_tokenizer(project, tiny_llamas, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    directory, repo_params = project
+    words = ["<eos>", "<unk>", *"the dog cat ran sat big red sun and a on mat".split()]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+    sources = {}
+    for name in ("a", "b"):  # copies of the models, each with the tokenizer saved beside it
+        sources[name] = tmp_path / name
+        shutil.copytree(tiny_llamas[name], sources[name])
+        tokenizer.save_pretrained(sources[name])
+    stories = ["the dog ran and the cat sat on a mat " * 8, "a big red sun sat on the dog " * 10]  # 154 tokens
+    (directory / "stories.txt").write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories))
+    _crosscoder_params(directory, repo_params, source_a=str(sources["a"]), source_b=str(sources["b"]),
+                       layer_a=0, layer_b=1, text_source="stories.txt", buffer_tokens=70, buffer_dir="buffer")
+    assert cli(["activations"]) == 0
+
+    buffer = ActivationBuffer.open("buffer")
+    stream = [i for s in stories for i in [*tokenizer(s.strip())["input_ids"], 0]]
+    ids = np.array(stream[:128]).reshape(2, 64)  # context = min(128, max_position_embeddings 64)
+    stored = torch.from_numpy(buffer.array().astype(np.float32))
+    torch.testing.assert_close(stored[:, :16], _residual_by_hook(sources["a"], ids, 0)[:70], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(stored[:, 16:], _residual_by_hook(sources["b"], ids, 1)[:70], rtol=2e-3, atol=2e-3)
+    assert buffer.meta["inputs"]["tokens"]["sha256"] == sha256_file(directory / "stories.txt")
+
+
+# ---- training --------------------------------------------------------------------------------------------------
+
+
+def _planted(rows: int, d_a: int, d_b: int, n_true: int, active: float, seed: int = 0):
+    """Rows that are sparse sums of n_true unit directions of R^(d_a + d_b): about `active` per row, with
+    coefficients in [1, 2]. Returns the rows and the directions."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(n_true, d_a + d_b))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+    coefficients = (rng.random((rows, n_true)) < active / n_true) * rng.uniform(1, 2, size=(rows, n_true))
+    return (coefficients @ directions).astype(np.float32), directions
+
+
+PLANTED = {"dict_size": 32, "l1_coef": 0.1, "l1_warmup_steps": 50, "lr": 0.01, "lr_warmup_steps": 20,
+           "lr_decay_start": 0.8, "batch_size": 256, "dec_init_norm": 0.1, "buffer_dir": "buffer"}
+
+
+def test_training_recovers_a_planted_dictionary_and_registers_a_champion(project):
+    directory, repo_params = project
+    d_a, d_b = 12, 20
+    x, directions = _planted(8192, d_a, d_b, n_true=24, active=5)
+    buffer = _write(directory / "buffer", x, d_a)
+    _crosscoder_params(directory, repo_params, **PLANTED, steps=500, log_every=50, checkpoint_every=250,
+                       dead_window=4096)
+    assert cli(["crosscoder-train"]) == 0
+
+    model, saved = load_crosscoder(OUT_DIR / "model.pt")
+    assert saved["config"] == {"d_a": d_a, "d_b": d_b, "dict_size": 32} and saved["scales"] == list(buffer.scales)
+    # in the normalized space the loader feeds, a direction u is [s_a u^a, s_b u^b]
+    scaled = directions * buffer.scale_vector().numpy()
+    scaled /= np.linalg.norm(scaled, axis=1, keepdims=True)
+    decoder = model.W_dec.detach().numpy()
+    decoder = decoder / np.linalg.norm(decoder, axis=1, keepdims=True)
+    best_cosine = (scaled @ decoder.T).max(axis=1)
+    assert (best_cosine > 0.9).sum() >= 22, np.sort(best_cosine)
+
+    metrics = json.loads((OUT_DIR / "metrics.json").read_text())
+    assert metrics["eval_rows"] == 8192 and metrics["in_l0_band"] and 4 <= metrics["l0"] <= 10
+    rows = buffer.to_float(torch.from_numpy(np.array(buffer.array()).view(np.int16)), buffer.scale_vector())
+    with torch.no_grad():
+        f, x_hat = (t.double().numpy() for t in model(rows))
+    rows = rows.double().numpy()
+    for name, s in (("a", slice(0, d_a)), ("b", slice(d_a, None))):  # over the whole buffer, by numpy
+        ev = 1 - ((rows[:, s] - x_hat[:, s]) ** 2).sum() / ((rows[:, s] - rows[:, s].mean(axis=0)) ** 2).sum()
+        assert metrics[f"mean_explained_variance_{name}"] == pytest.approx(ev, rel=1e-5)
+    assert metrics["mean_explained_variance"] > 0.9 and metrics["mean_explained_variance"] == pytest.approx(
+        (metrics["mean_explained_variance_a"] + metrics["mean_explained_variance_b"]) / 2)
+    assert metrics["l0"] == pytest.approx((f > 0).sum(axis=1).mean())
+    history = pd.read_csv(OUT_DIR / "history.csv")
+    seed_names = ["total_inactive", "mean_active", "mean_active_pct", "max_active", "max_active_pct", "min_active",
+                  "min_active_pct", "total_dead_neurons", "total_neurons", "pct_dead_neurons",
+                  "mean_explained_variance", "mean_explained_variance_a", "mean_explained_variance_b"]
+    assert list(history.step) == list(range(50, 501, 50))
+    assert set(seed_names + ["loss", "mse", "l1", "l0", "lr", "lambda", "grad_norm"]) <= set(history.columns)
+    assert (OUT_DIR / "plots" / "training.png").stat().st_size > 0
+
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("crosscoder", "champion")
+    run = client.get_run(champion.run_id)
+    assert run.data.tags["labpipe.stage"] == "crosscoder_train"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "mean_explained_variance")} == set(
+        range(50, 501, 50))
+    assert set(seed_names) <= set(run.data.metrics)
+    assert run.data.metrics["final_mean_explained_variance"] == pytest.approx(metrics["mean_explained_variance"])
+    assert float(champion.tags["metric.mean_explained_variance"]) == pytest.approx(metrics["mean_explained_variance"])
+
+
+def test_training_without_a_buffer_is_a_clear_error(project, capsys):
+    directory, repo_params = project
+    _crosscoder_params(directory, repo_params, buffer_dir="nowhere")
+    assert cli(["crosscoder-train"]) == 2
+    assert "no activation buffer at nowhere: run the activations stage first" in capsys.readouterr().err
+
+
+KILL_AT_STEP_45 = """
+import os, signal, sys
+import torch
+import labpipe.crosscoder.train as train
+torch.set_num_threads(1)  # as the test process
+real, calls = train.train_step, []
+
+def train_step(*args):
+    calls.append(1)
+    if len(calls) == 45:  # mid-way between the checkpoints of steps 40 and 60
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args)
+
+train.train_step = train_step
+from labpipe.cli import main
+sys.exit(main(["crosscoder-train"]))
+"""
+
+
+def test_a_killed_training_resumes_to_the_same_weights_in_the_same_run(project, capsys):
+    directory, repo_params = project
+    x, _ = _planted(2048, 8, 8, n_true=12, active=3)
+    _write(directory / "buffer", x, 8)
+    _crosscoder_params(directory, repo_params, **PLANTED, steps=60, log_every=10, checkpoint_every=20,
+                       dead_window=1024)
+    assert cli(["crosscoder-train"]) == 0
+    reference = torch.load(OUT_DIR / "model.pt", weights_only=False)["model"]
+    reference_history = pd.read_csv(OUT_DIR / "history.csv")
+    shutil.rmtree(OUT_DIR)
+
+    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP_45], cwd=directory, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert [p.name for p in checkpoint.list_checkpoints(CHECKPOINTS)] == ["step_00000020.pt", "step_00000040.pt"]
+    run_id = checkpoint.load(CHECKPOINTS / "step_00000040.pt")["state"]["run_id"]
+    capsys.readouterr()
+    assert cli(["crosscoder-train"]) == 0
+    assert "resuming from artifacts/crosscoder/checkpoints/step_00000040.pt" in capsys.readouterr().out
+
+    resumed = torch.load(OUT_DIR / "model.pt", weights_only=False)["model"]
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed[name]), name
+    pd.testing.assert_frame_equal(reference_history, pd.read_csv(OUT_DIR / "history.csv"))
+    assert checkpoint.load(CHECKPOINTS / "step_00000060.pt")["state"]["run_id"] == run_id
+    client = MlflowClient()
+    assert {m.step for m in client.get_metric_history(run_id, "loss")} == {10, 20, 30, 40, 50, 60}
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+# ---- the dec_init_norm sweep ----------------------------------------------------------------------------------
+
+
+def test_sweep_plot_takes_the_newest_comparable_run_per_dec_init_norm(mlflow_store, repo_params, tmp_path):
+    base = flatten(build(CrosscoderParams, repo_params["crosscoder"], where="test"), "crosscoder.")
+    experiment = mlflow.create_experiment("crosscoders")
+
+    def run(norm: float, dead: float, status: str = "FINISHED", **changed) -> None:
+        time.sleep(0.01)  # distinct start times
+        with mlflow.start_run(experiment_id=experiment, tags={"labpipe.stage": "crosscoder_train"}):
+            mlflow.log_params({**base, "crosscoder.dec_init_norm": norm, **changed})
+            mlflow.log_metrics({f"final_{name}": value for name, value in (
+                ("mean_explained_variance", 0.5 + norm / 10), ("mean_explained_variance_a", 0.5),
+                ("mean_explained_variance_b", 0.5 + norm / 5), ("pct_dead_neurons", dead),
+                ("total_dead_neurons", dead * 256), ("l0", 20.0))})
+            if status != "FINISHED":
+                mlflow.end_run(status)
+
+    run(0.1, 0.9, **{"crosscoder.l1_coef": 5.0})  # another setting: not part of this sweep
+    run(0.1, 0.5)  # superseded by the newer run at 0.1
+    for norm, dead in ((0.03, 0.3), (0.1, 0.1), (1.0, 0.8)):
+        run(norm, dead, **{"crosscoder.device": "cuda"})  # where it ran does not matter
+    run(0.12, 0.0, status="FAILED")
+    out = tmp_path / "sweep.png"
+    table = plot_sweep(mlflow_store, out)
+    assert list(table.dec_init_norm) == [0.03, 0.1, 1.0]
+    assert list(table.pct_dead_neurons) == [0.3, 0.1, 0.8]
+    assert out.stat().st_size > 0
+    pd.testing.assert_frame_equal(pd.read_csv(out.with_suffix(".csv")), table)
+
+
+# ---- CUDA -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_cuda_stream_gives_the_cpu_batches(tmp_path, num_workers):
+    buffer = _write(tmp_path / "buffer", np.random.default_rng(0).normal(size=(3000, 24)).astype(np.float32), 8,
+                    "bfloat16")
+    with BatchStream(buffer, 256, 0, 0, 30, num_workers) as cpu:
+        expected = list(cpu)
+    model = Crosscoder(8, 16, 64).cuda()
+    with BatchStream(buffer, 256, 0, 0, 30, num_workers, device="cuda") as gpu:
+        for x, want in zip(gpu, expected, strict=True):
+            model(x)[1].sum().item()  # the batch is used on the default stream while the next is copied
+            assert x.is_cuda and torch.equal(x.cpu(), want)
