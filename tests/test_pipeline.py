@@ -42,6 +42,16 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     repo_params["text"].update({"stories": 60, "vocab_sizes": [60, 100]})
     repo_params["hmm"].update({"vocab_size": 60, "hidden_states": 4, "epochs": 2, "checkpoint_every": 1,
                                "device": "cpu"})
+    repo_params["synth"].update({"seq_length": 16, "sequences_per_shard": 64, "train_shards": 2, "val_shards": 1,
+                                 "block_sequences": 32})
+    repo_params["lm"].update({"hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32,
+                              "context_length": 16, "batch_size": 8, "warmup_steps": 2, "max_steps": 4,
+                              "eval_every": 2, "eval_sequences": 16, "checkpoint_every": 2, "device": "cpu"})
+    repo_params["crosscoder"].update({"source_a": "artifacts/lm/checkpoints/step_00000002",
+                                      "source_b": "artifacts/lm/checkpoints/step_00000004", "layer_a": 0,
+                                      "layer_b": 0, "buffer_tokens": 512, "dict_size": 32, "steps": 6,
+                                      "batch_size": 64, "log_every": 3, "checkpoint_every": 3, "device": "cpu",
+                                      "l1_warmup_steps": 2, "lr_warmup_steps": 2})
     write_params(project, repo_params)
     uri = f"sqlite:///{project / 'mlflow.db'}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
@@ -53,7 +63,9 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     (project / "data").mkdir()  # what `make run` does on a fresh clone: data.dvc tracks the empty folder
 
     out = _sh(["dvc", "repro"], project, env)
-    for stage in ("mheight_data", "mheight_subsample", "grok_train", "corpus", "tokenize", "hmm_train", "hmm_eval"):
+    stages = ("mheight_data", "mheight_subsample", "grok_train", "corpus", "tokenize", "hmm_train", "hmm_eval",
+              "synth", "lm_train", "lm_eval", "activations", "crosscoder_train")
+    for stage in stages:
         assert f"Running stage '{stage}'" in out
     dataset = pd.read_parquet(project / "artifacts/mheight/dataset.parquet")
     assert len(dataset) == 7 * 12  # 7 groups with n=9, k in {4, 5}
@@ -74,12 +86,17 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
 
     hmm_experiment = client.get_experiment_by_name("in-context-language-learning")
     hmm_runs = client.search_runs([hmm_experiment.experiment_id])
-    assert sorted(r.data.tags["labpipe.stage"] for r in hmm_runs) == ["corpus", "hmm_eval", "hmm_train", "tokenize"]
+    assert sorted(r.data.tags["labpipe.stage"] for r in hmm_runs) == ["corpus", "hmm_eval", "hmm_train", "lm_eval",
+                                                                      "lm_train", "synth", "tokenize"]
     hmm_metrics = json.loads((project / "artifacts/hmm/metrics.json").read_text())
     assert float(client.get_model_version_by_alias("hmm-K60", "champion").tags["metric.heldout_ll_per_token"]) \
         == pytest.approx(hmm_metrics["best_heldout_ll_per_token"])
     eval_metrics = json.loads((project / "artifacts/hmm/eval/metrics.json").read_text())
     assert eval_metrics["sequences"]["overall"] > 0
+    lm_metrics = json.loads((project / "artifacts/lm/metrics.json").read_text())
+    assert float(client.get_model_version_by_alias("lm-synthetic", "champion").tags["metric.val_loss"]) \
+        == pytest.approx(lm_metrics["best_val_loss"])
+    assert (project / "artifacts/crosscoder/metrics.json").exists()
 
     again = _sh(["dvc", "repro"], project, env)
     assert "Running stage" not in again  # nothing changed, nothing reruns
