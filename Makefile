@@ -17,7 +17,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: setup run run-full test test-fast train-grok sweep-grok train-hmm sweep-hmm sweep-crosscoder \
-	sweep-crosscoder-plot ui lint clean
+	sweep-crosscoder-plot ui lint doctor constraints clean
 
 setup: $(VENV)/.installed
 
@@ -78,6 +78,16 @@ ui: setup
 
 lint: setup
 	$(BIN)/ruff check src tests bench
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/shellcheck docker/*.sh
+	$(BIN)/docker-compose config -q
+
+doctor: setup
+	$(BIN)/labpipe doctor
+
+# The Docker image's lock, from this venv: run after a dependency change, then commit docker/constraints.txt.
+constraints: setup
+	docker/freeze-constraints.sh
 
 clean:
 	rm -rf artifacts mlruns mlflow.db wandb .pytest_cache

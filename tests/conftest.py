@@ -1,9 +1,13 @@
-"""Shared fixtures: a private MLflow store per test, the repo's params as a mutable dict."""
+"""Shared fixtures: a private MLflow store per test, a real MLflow server, the repo's params as a mutable dict."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +28,43 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """A real `mlflow server` (SQLite backend, served artifacts), as the compose stack runs it."""
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()) from None
+            time.sleep(0.5)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri, tmp_path / "server-artifacts"
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture

@@ -1,10 +1,3 @@
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import mlflow
 import pytest
 import torch
@@ -87,41 +80,6 @@ def test_wandb_offline_mirror_records_the_same_metrics(mlflow_store, tmp_path, m
     [run_dir] = (tmp_path / "wandb").glob(f"offline-run-*-{run.run_id}")  # same id as the MLflow run
     record = next(run_dir.glob("run-*.wandb")).read_bytes()
     assert b"mirrored_loss" in record and b"grok.lr" in record
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path, monkeypatch):
-    """A real `mlflow server` (SQLite backend, served artifacts), as the compose stack runs it."""
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [Path(sys.executable).parent / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError("mlflow server did not start:\n" + (tmp_path / "server.log").read_text()) from None
-            time.sleep(0.5)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri, tmp_path / "server-artifacts"
-    server.terminate()
-    server.wait(timeout=30)
-    log.close()
 
 
 @pytest.mark.slow

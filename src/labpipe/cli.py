@@ -42,13 +42,17 @@ TOOLS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TOOLS:  # a tool parses its own flags (argparse.REMAINDER refuses a leading --flag)
+        module, function = TOOLS[argv[0]][0].split(":")
+        return getattr(importlib.import_module(module), function)(argv[1:])
     parser = argparse.ArgumentParser(prog="labpipe", description=__doc__.splitlines()[0])
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="verb")
     for verb, (_target, help_text) in STAGES.items():
         _add_params_args(verbs.add_parser(verb, help=help_text))
     _add_dormancy_flags(verbs.choices["dormancy"])
     for verb, (_target, help_text) in TOOLS.items():
-        verbs.add_parser(verb, help=help_text, add_help=False).add_argument("tool_args", nargs=argparse.REMAINDER)
+        verbs.add_parser(verb, help=help_text)  # listed in --help; main() hands their arguments over above
     show = verbs.add_parser("params", help="print the resolved params (after --set) as JSON")
     _add_params_args(show)
     profile = verbs.add_parser("profile", help="turn a profile (a partial params file) into DVC -S flags")
@@ -57,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.verb in TOOLS:
-            module, function = TOOLS[args.verb][0].split(":")
-            return getattr(importlib.import_module(module), function)(args.tool_args)
         if args.verb == "dormancy":
             args.set = _dormancy_overrides(args) + args.set
         if args.verb == "profile":

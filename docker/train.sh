@@ -1,0 +1,13 @@
+#!/bin/sh
+# The compose trainers' entrypoint (labpipe-train in the image): check the environment, then run DVC.
+#   labpipe-train                      dvc repro: the whole pipeline
+#   labpipe-train repro grok_train     one stage, and what it depends on
+#   labpipe-train exp run -S grok.weight_decay=0.03
+# `labpipe doctor` fails fast, before hours of work, when a requirement is not met: the MLflow server, free
+# disk, and a GPU for the GPU trainer (LABPIPE_DOCTOR_ARGS=--require-cuda: `device: auto` would otherwise
+# train on the CPU without a word when the GPU reservation did not reach the container).
+set -eu
+# shellcheck disable=SC2086  # the doctor's flags, split into words on purpose
+labpipe doctor ${LABPIPE_DOCTOR_ARGS:-}
+[ "$#" -gt 0 ] || set -- repro
+exec dvc "$@"
