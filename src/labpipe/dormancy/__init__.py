@@ -1,0 +1,1 @@
+"""Dormant neurons of a language model across its training checkpoints: CSV and plots."""

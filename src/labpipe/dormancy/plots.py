@@ -1,0 +1,128 @@
+"""labpipe dormancy-plot results.csv: the lab's three dormancy plots and summary statistics.
+
+    labpipe dormancy-plot results.csv [--save-prefix plots/pythia_] [--no-show] [--threshold 0.1]
+                                      [--max-layers-heatmap 20] [--num-layers-evolution 5]
+
+dormancy_over_steps.png  mean, min and max % dormant across layers vs training step
+dormancy_heatmap.png     % dormant per layer (rows) and step (columns)
+layer_evolution.png      % dormant vs step for the layers that vary most
+One threshold is plotted: --threshold, else 0.1 when the CSV has it, else its largest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from labpipe.dormancy.analysis import read_results
+
+PLOTS = ("dormancy_over_steps.png", "dormancy_heatmap.png", "layer_evolution.png")
+
+
+def choose_threshold(results: pd.DataFrame, threshold: float | None) -> float:
+    available = sorted(set(results.threshold.astype(float)))
+    if threshold is not None:
+        if threshold not in available:
+            raise ValueError(f"threshold {threshold} is not in the CSV; it has {available}")
+        return threshold
+    return 0.1 if 0.1 in available else available[-1]
+
+
+def over_steps(results: pd.DataFrame) -> pd.DataFrame:
+    """step -> mean, min, max of % dormant across layers."""
+    return results.groupby("step").pct_dormant.agg(["mean", "min", "max"])
+
+
+def heatmap(results: pd.DataFrame, max_layers: int) -> pd.DataFrame:
+    """layer_index x step of % dormant, the first max_layers layers."""
+    table = results.pivot_table(index="layer_index", columns="step", values="pct_dormant")
+    return table.iloc[:max_layers]
+
+
+def most_variable_layers(results: pd.DataFrame, count: int) -> pd.DataFrame:
+    """step x layer_index of % dormant for the `count` layers whose % dormant varies most across steps."""
+    table = results.pivot_table(index="step", columns="layer_index", values="pct_dormant")
+    spread = table.std().fillna(0).sort_values(ascending=False, kind="stable")
+    return table[list(spread.index[:count])]
+
+
+def summary(results: pd.DataFrame, threshold: float) -> str:
+    by_step = over_steps(results)
+    lines = [f"threshold {threshold:g}: {results.revision.nunique()} revisions, {results.layer_index.nunique()} layers"]
+    for step, row in by_step.iterrows():
+        lines.append(f"  step {step:>8}: mean {row['mean']:6.2f}%  min {row['min']:6.2f}%  max {row['max']:6.2f}%")
+    first, last = by_step["mean"].iloc[0], by_step["mean"].iloc[-1]
+    lines.append(f"  mean % dormant from {first:.2f}% to {last:.2f}% ({last - first:+.2f} points)")
+    return "\n".join(lines)
+
+
+def save_plots(results: pd.DataFrame, prefix: str, threshold: float | None = None, max_layers_heatmap: int = 20,
+               num_layers_evolution: int = 5, show: bool = False) -> list[Path]:
+    """The three plots of one threshold, saved as prefix + name; returns their paths."""
+    import matplotlib
+
+    if not show:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    threshold = choose_threshold(results, threshold)
+    results = results[results.threshold.astype(float) == threshold]
+    paths = [Path(prefix + name) for name in PLOTS]
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    by_step = over_steps(results)
+    axis.plot(by_step.index, by_step["mean"], marker="o", label="mean across layers")
+    axis.fill_between(by_step.index, by_step["min"], by_step["max"], alpha=0.25, label="min to max")
+    axis.set(xlabel="training step", ylabel="% dormant", title=f"Dormant neurons (tau = {threshold:g})")
+    axis.legend()
+    figure.savefig(paths[0], dpi=120, bbox_inches="tight")
+
+    table = heatmap(results, max_layers_heatmap)
+    figure2, axis = plt.subplots(figsize=(8, 0.4 * len(table) + 2))
+    image = axis.imshow(table.to_numpy(), aspect="auto", cmap="viridis")
+    axis.set_xticks(range(len(table.columns)), [str(s) for s in table.columns], rotation=45)
+    axis.set_yticks(range(len(table.index)), [str(i) for i in table.index])
+    axis.set(xlabel="training step", ylabel="layer", title=f"% dormant per layer (tau = {threshold:g})")
+    figure2.colorbar(image, ax=axis, label="% dormant")
+    figure2.savefig(paths[1], dpi=120, bbox_inches="tight")
+
+    figure3, axis = plt.subplots(figsize=(7, 4))
+    for layer, series in most_variable_layers(results, num_layers_evolution).items():
+        axis.plot(series.index, series.to_numpy(), marker="o", label=f"layer {layer}")
+    axis.set(xlabel="training step", ylabel="% dormant", title="The most variable layers")
+    axis.legend()
+    figure3.savefig(paths[2], dpi=120, bbox_inches="tight")
+    if show:
+        plt.show()
+    for fig in (figure, figure2, figure3):
+        plt.close(fig)
+    return paths
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="labpipe dormancy-plot", description=__doc__.splitlines()[0])
+    parser.add_argument("csv")
+    parser.add_argument("--save-prefix", default="", help="prefix of the PNG files, e.g. plots/pythia_")
+    parser.add_argument("--no-show", action="store_true", help="only save the plots")
+    parser.add_argument("--threshold", type=float)
+    parser.add_argument("--max-layers-heatmap", type=int, default=20)
+    parser.add_argument("--num-layers-evolution", type=int, default=5)
+    args = parser.parse_args(argv)
+    try:
+        results = read_results(args.csv)
+        if results.empty:
+            raise ValueError(f"{args.csv} has no rows")
+        threshold = choose_threshold(results, args.threshold)
+        show = not args.no_show and bool(os.environ.get("DISPLAY"))
+        paths = save_plots(results, args.save_prefix, threshold, args.max_layers_heatmap, args.num_layers_evolution,
+                           show)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"labpipe dormancy-plot: error: {error}")
+        return 2
+    print(summary(results[results.threshold.astype(float) == threshold], threshold))
+    print("saved " + ", ".join(map(str, paths)))
+    return 0

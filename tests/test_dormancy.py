@@ -1,0 +1,218 @@
+"""Dormant-neuron analysis on tiny GPT-NeoX and Llama checkpoints, against activations recomputed by hand."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import write_params
+from labpipe.config import load_params
+from labpipe.dormancy.analysis import COLUMNS, run_dormancy
+from labpipe.dormancy.plots import heatmap, most_variable_layers, over_steps, save_plots
+
+WORDS = "the a dog cat ran sat on mat . big small red".split()
+TEXTS = ["the dog ran .", "a big red cat sat on the mat .", "the cat .", "a small dog sat on a red mat . the end"]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(dict.fromkeys(WORDS))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]")
+
+
+def build(arch: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    common = {"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+              "vocab_size": 16, "max_position_embeddings": 32}
+    if arch == "gpt_neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(**common))
+        dead = model.gpt_neox.layers[1].mlp.dense_h_to_4h  # GELU(0) = 0: neurons 0-3 of layer 1 always zero
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common))
+        dead = model.model.layers[1].mlp.up_proj  # silu(gate) * 0 = 0
+    with torch.no_grad():
+        dead.weight[:4] = 0
+        if dead.bias is not None:
+            dead.bias[:4] = 0
+    return model.eval()
+
+
+def save_revisions(directory: Path, arch: str, steps=(10, 20)) -> dict[int, torch.nn.Module]:
+    models = {}
+    for step in steps:
+        model = build(arch, seed=step)
+        model.save_pretrained(directory / f"step_{step:08d}")
+        tokenizer().save_pretrained(directory / f"step_{step:08d}")
+        models[step] = model
+    return models
+
+
+def mlp_neurons_by_hand(model: torch.nn.Module, text: str) -> list[np.ndarray]:
+    """Each layer's MLP activation for one unpadded text, from the MLP's input and its weights."""
+    inputs = []
+    layers = model.gpt_neox.layers if hasattr(model, "gpt_neox") else model.model.layers
+    handles = [layer.mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0][0])) for layer in layers]
+    ids = tokenizer()(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        model(input_ids=ids)
+        for handle in handles:
+            handle.remove()
+        out = []
+        for layer, x in zip(layers, inputs, strict=True):
+            mlp = layer.mlp
+            if hasattr(mlp, "dense_h_to_4h"):
+                h = F.gelu(x @ mlp.dense_h_to_4h.weight.T + mlp.dense_h_to_4h.bias)
+            else:
+                h = F.silu(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T)
+            out.append(h.double().numpy())
+    return out
+
+
+def expected_rows(model, texts, thresholds):
+    per_layer = [np.concatenate(layer) for layer in zip(*(mlp_neurons_by_hand(model, t) for t in texts), strict=True)]
+    rows = []
+    for tau in thresholds:
+        for index, h in enumerate(per_layer):
+            mean_abs = np.abs(h).mean(0)
+            score = mean_abs / mean_abs.mean()
+            rows.append({"threshold": tau, "layer_index": index, "num_dormant": int((score <= tau).sum()),
+                         "avg_activation": mean_abs.mean(), "max_activation": np.abs(h).max()})
+    return rows
+
+
+@pytest.fixture
+def text_project(project):
+    directory, repo_params = project
+    (directory / "stories.txt").write_text("\n<|endoftext|>\n".join(TEXTS) + "\n")
+    return directory, repo_params
+
+
+def _params(directory, repo_params, **dormancy):
+    write_params(directory, {**repo_params, "dormancy": {**repo_params["dormancy"], "model": "ckpt",
+                                                         "text_source": str(directory / "stories.txt"),
+                                                         "samples": 10, "batch_size": 3, "max_length": 32,
+                                                         "thresholds": [0.0, 0.5, 1.0], "device": "cpu",
+                                                         **dormancy}})
+    return load_params(directory / "params.yaml")
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_scores_match_activations_recomputed_by_hand_with_padding_in_the_batch(text_project, arch):
+    directory, repo_params = text_project
+    models = save_revisions(directory / "ckpt", arch)
+    run_dormancy(_params(directory, repo_params))
+    results = pd.read_csv("artifacts/dormancy/results.csv")
+    assert list(results.columns) == COLUMNS
+    assert len(results) == 2 * 3 * 2  # revisions x thresholds x layers
+    for step, model in models.items():
+        got = results[results.step == step].sort_values(["threshold", "layer_index"])
+        for row, expected in zip(got.itertuples(), expected_rows(model, TEXTS, [0.0, 0.5, 1.0]), strict=True):
+            assert row.num_dormant == expected["num_dormant"], (step, row)
+            assert row.avg_activation == pytest.approx(expected["avg_activation"], rel=1e-5)
+            assert row.max_activation == pytest.approx(expected["max_activation"], rel=1e-5)
+            assert row.num_neurons == 32 and row.pct_dormant == pytest.approx(100 * row.num_dormant / 32)
+    # tau = 0 counts exactly the neurons zeroed on purpose (4 in layer 1), none in layer 0
+    at_zero = results[results.threshold == 0.0]
+    assert set(at_zero[at_zero.layer_index == 1].num_dormant) == {4}
+    assert set(at_zero[at_zero.layer_index == 0].num_dormant) == {0}
+    assert (results.groupby(["step", "layer_index"]).num_dormant.apply(lambda s: s.is_monotonic_increasing)).all()
+
+
+def test_an_interrupted_run_resumes_to_the_same_csv(text_project):
+    directory, repo_params = text_project
+    save_revisions(directory / "ckpt", "llama", steps=(10, 20, 30))
+    run_dormancy(_params(directory, repo_params, output_csv="one/results.csv"))
+    # "interrupted" after the first revision: a run limited to it, then the full run skips what is there
+    run_dormancy(_params(directory, repo_params, output_csv="two/results.csv", max_revisions=1))
+    run_dormancy(_params(directory, repo_params, output_csv="two/results.csv"))
+    one, two = (pd.read_csv(f"{name}/results.csv").drop(columns="timestamp") for name in ("one", "two"))
+    pd.testing.assert_frame_equal(one, two)
+    # a rerun adds nothing
+    run_dormancy(_params(directory, repo_params, output_csv="two/results.csv"))
+    assert len(pd.read_csv("two/results.csv")) == len(one)
+
+
+def test_plots_show_the_expected_series(tmp_path):
+    rows = [{"timestamp": "t", "model": "m", "revision": f"step{s}", "step": s, "threshold": 0.1,
+             "layer_name": f"l{i}", "layer_index": i, "num_neurons": 10, "num_dormant": 0,
+             "pct_dormant": p, "avg_activation": 1.0, "max_activation": 2.0}
+            for s, pcts in ((1, [0, 10, 20]), (2, [0, 50, 20]), (3, [0, 90, 30])) for i, p in enumerate(pcts)]
+    results = pd.DataFrame(rows, columns=COLUMNS)
+    by_step = over_steps(results)
+    np.testing.assert_allclose(by_step["mean"], [10, 70 / 3, 40])
+    np.testing.assert_allclose(by_step["min"], [0, 0, 0])
+    np.testing.assert_allclose(by_step["max"], [20, 50, 90])
+    assert heatmap(results, max_layers=2).shape == (2, 3)
+    assert list(most_variable_layers(results, 2).columns) == [1, 2]  # layer 1 varies most, then layer 2
+    paths = save_plots(results, f"{tmp_path}/x_")
+    assert [p.name for p in paths] == ["x_dormancy_over_steps.png", "x_dormancy_heatmap.png", "x_layer_evolution.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_the_cli_quick_flag_and_the_plot_verb(text_project):
+    directory, repo_params = text_project
+    save_revisions(directory / "ckpt", "gpt_neox", steps=(10, 20, 30))
+    _params(directory, repo_params, samples=500)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "labpipe", "dormancy", "--quick", "--device", "cpu",
+                           "--thresholds", "0,0.1"], cwd=directory, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    results = pd.read_csv(directory / "artifacts/dormancy/results.csv")
+    assert sorted(results.step.unique()) == [10, 20] and sorted(results.threshold.unique()) == [0.0, 0.1]
+    plotted = subprocess.run([sys.executable, "-m", "labpipe", "dormancy-plot", "artifacts/dormancy/results.csv",
+                              "--no-show", "--save-prefix", "p/"], cwd=directory, capture_output=True, text=True)
+    assert plotted.returncode == 0, plotted.stderr
+    assert "threshold 0.1: 2 revisions, 2 layers" in plotted.stdout
+    assert (directory / "p/dormancy_heatmap.png").exists()
+
+
+def test_hub_revisions_resolve_offline_from_a_local_cache(text_project, tmp_path):
+    """from_pretrained(name, revision="step10"): the real hub path, served by a cache laid out like the hub's."""
+    directory, repo_params = text_project
+    cache = tmp_path / "hub"
+    repo = cache / "models--lab--tiny"
+    models = {}
+    for step, commit in ((10, "a" * 40), (20, "b" * 40)):
+        models[step] = build("llama", seed=step)
+        models[step].save_pretrained(repo / "snapshots" / commit)
+        tokenizer().save_pretrained(repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / f"step{step}").write_text(commit)
+    _params(directory, repo_params, model="lab/tiny", revisions=["step10", "step20"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "labpipe", "dormancy"], cwd=directory, capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    results = pd.read_csv(directory / "artifacts/dormancy/results.csv")
+    assert list(results.revision.unique()) == ["step10", "step20"] and list(results.step.unique()) == [10, 20]
+    expected = expected_rows(models[20], TEXTS, [0.0])
+    got = results[(results.step == 20) & (results.threshold == 0.0)].sort_values("layer_index")
+    assert list(got.num_dormant) == [e["num_dormant"] for e in expected]
+    _params(directory, repo_params, model="lab/tiny", revisions=["step99"])
+    missing = subprocess.run([sys.executable, "-m", "labpipe", "dormancy"], cwd=directory, capture_output=True,
+                             text=True, env=env)
+    assert missing.returncode == 2 and "revision 'step99'" in missing.stderr
+
+
+def test_bad_inputs_are_clear_errors(text_project):
+    directory, repo_params = text_project
+    save_revisions(directory / "ckpt", "llama", steps=(10,))
+    with pytest.raises(ValueError, match=r"revision 'step_00000099' not found in ckpt; available: step_00000010"):
+        run_dormancy(_params(directory, repo_params, revisions=["step_00000099"]))
+    Path("foreign.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match=r"foreign.csv has columns \['a', 'b'\].*refusing to append"):
+        run_dormancy(_params(directory, repo_params, output_csv="foreign.csv"))
+    assert Path("foreign.csv").read_text() == "a,b\n1,2\n"
+    Path("empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="gave no text"):
+        run_dormancy(_params(directory, repo_params, text_source=str(directory / "empty.txt")))
