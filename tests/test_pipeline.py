@@ -64,7 +64,7 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
 
     out = _sh(["dvc", "repro"], project, env)
     stages = ("mheight_data", "mheight_subsample", "grok_train", "corpus", "tokenize", "hmm_train", "hmm_eval",
-              "synth", "lm_train", "lm_eval", "activations", "crosscoder_train")
+              "synth", "lm_train", "lm_eval", "dormancy", "activations", "crosscoder_train")
     for stage in stages:
         assert f"Running stage '{stage}'" in out
     dataset = pd.read_parquet(project / "artifacts/mheight/dataset.parquet")
@@ -97,6 +97,8 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     assert float(client.get_model_version_by_alias("lm-synthetic", "champion").tags["metric.val_loss"]) \
         == pytest.approx(lm_metrics["best_val_loss"])
     assert (project / "artifacts/crosscoder/metrics.json").exists()
+    dormancy = pd.read_csv(project / "artifacts/dormancy/results.csv")
+    assert sorted(dormancy.step.unique()) == [2, 4]  # one revision per lm_train checkpoint
 
     again = _sh(["dvc", "repro"], project, env)
     assert "Running stage" not in again  # nothing changed, nothing reruns
