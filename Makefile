@@ -16,7 +16,7 @@ NORMS  ?= 0.03 0.1 0.12 0.14 0.16 0.18 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast train-grok sweep-grok train-hmm sweep-hmm sweep-crosscoder \
+.PHONY: setup run run-full test test-fast test-slurm train-grok sweep-grok train-hmm sweep-hmm sweep-crosscoder \
 	sweep-crosscoder-plot ui lint doctor constraints clean
 
 setup: $(VENV)/.installed
@@ -39,10 +39,17 @@ run-full: setup data
 	dvc exp run $$(labpipe profile params.full.yaml)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slurm"
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow and not slurm"
+
+# labpipe jobs on a real single-node Slurm cluster that the tests start on this machine (tests/slurm_cluster.py):
+# Debian's slurm-wlm and munge, installed when missing (root, apt).
+test-slurm: setup
+	command -v slurmctld >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge)
+	$(BIN)/python -m pytest -m slurm
 
 train-grok: setup data
 	dvc exp run -S grok.weight_decay=$(WD)

@@ -79,6 +79,16 @@ def write_params(directory: Path, params: dict) -> Path:
     return path
 
 
+def copy_project(destination: Path) -> None:
+    """The files git would put in a fresh clone (tracked, or new and not ignored), without stage outputs."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file() and not name.startswith("artifacts/"):
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, destination / name)
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch, mlflow_store, repo_params):
     """A scratch project directory (cwd) with the repo's params.yaml; returns (path, params dict)."""

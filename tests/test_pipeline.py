@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,19 +10,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import REPO, write_params
+from conftest import copy_project, write_params
 
 pytestmark = pytest.mark.slow
-
-
-def _copy_project(destination: Path) -> None:
-    """The files git would put in a fresh clone (tracked, or new and not ignored), without stage outputs."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file() and not name.startswith("artifacts/"):
-            (destination / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, destination / name)
 
 
 def _sh(args: list[str], cwd: Path, env: dict) -> str:
@@ -34,7 +23,7 @@ def _sh(args: list[str], cwd: Path, env: dict) -> str:
 
 def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(tmp_path, repo_params):
     project = tmp_path / "project"
-    _copy_project(project)
+    copy_project(project)
     repo_params["mheight"].update({"n": [9], "k": [4, 5], "samples_per_group": 12, "train_per_group": 6,
                                    "val_per_group": 6, "workers": 1})
     repo_params["grok"].update({"width": 16, "blocks": 1, "batch_size": 16, "epochs": 6, "val_every": 3,

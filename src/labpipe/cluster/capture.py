@@ -1,0 +1,111 @@
+"""What a job captures, so that what runs is what was submitted: the code, the config and the data.
+
+- code: the git commit (a dirty tree is refused unless asked for; then the tree itself is captured as a
+  commit object by `git stash create`, which touches neither the tree nor the stash list);
+- config: the params of every task, resolved and checked like `labpipe <verb> --set` does;
+- data: dvc.lock, which pins every stage output by hash (its sha256 and content go into the record).
+
+A Slurm task runs in a snapshot: a clone of the project sharing its objects (`git clone --shared`), checked
+out at that commit, with the task's resolved params.yaml written in, and the project's DVC cache as its
+cache, so that `dvc checkout` restores the pinned data and `dvc repro` stores its outputs where the project
+finds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from labpipe.config import ConfigError, Params, apply_override, build, parse_yaml
+
+
+class CaptureError(ValueError):
+    """The project is not in a state a job can be submitted from."""
+
+
+def git(project: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CaptureError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def stages(project: Path) -> list[str]:
+    """The stages of dvc.yaml, the names `dvc repro` and `dvc exp run` take."""
+    path = project / "dvc.yaml"
+    if not path.exists():
+        raise CaptureError(f"no dvc.yaml in {project}: run labpipe jobs from the project's root")
+    return list((yaml.safe_load(path.read_text()) or {}).get("stages", {}))
+
+
+def capture_code(project: Path, allow_dirty: bool) -> dict[str, Any]:
+    """HEAD, whether tracked files differ from it, and the commit that will run."""
+    try:
+        commit = git(project, "rev-parse", "HEAD")
+    except CaptureError as error:
+        raise CaptureError(f"{project} has no git commit to run: {error}") from error
+    changed = git(project, "status", "--porcelain", "--untracked-files=no")
+    if changed and not allow_dirty:
+        files = ", ".join(line.split(None, 1)[1] for line in changed.splitlines()[:5])
+        raise CaptureError(f"uncommitted changes in tracked files ({files}): commit them so that the job runs a "
+                           "commit, or pass --allow-dirty to run the working tree as it is now")
+    snapshot = git(project, "stash", "create") if changed else commit
+    return {"commit": commit, "dirty": bool(changed), "snapshot": snapshot}
+
+
+def resolve_tasks(params_path: Path, sets: list[str], sweeps: list[str]) -> list[tuple[list[str], dict]]:
+    """(overrides, resolved params) per task: one task, or one per point of the sweep grid.
+
+    `--sweep grok.weight_decay=0.01,0.03,0.1` gives three tasks; two --sweep flags give their product.
+    Every task's params are checked against the schema, so a bad key or value fails before anything runs.
+    """
+    if not params_path.exists():
+        raise ConfigError(f"params file not found: {params_path}")
+    axes = []
+    for sweep in sweeps:
+        key, sep, values = sweep.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--sweep {sweep!r} is not of the form section.key=value1,value2,...")
+        axes.append([f"{key}={value.strip()}" for value in values.split(",")])
+    text = params_path.read_text()
+    tasks = []
+    for point in itertools.product(*axes):
+        overrides = [*sets, *point]
+        raw = parse_yaml(text) or {}
+        for override in overrides:
+            apply_override(raw, override)
+        build(Params, raw, where=f"{params_path} + {' '.join(overrides) or 'no overrides'}")
+        tasks.append((overrides, raw))
+    return tasks
+
+
+def capture_data(project: Path) -> dict[str, Any]:
+    lock = project / "dvc.lock"
+    content = lock.read_text() if lock.exists() else ""
+    return {"dvc_lock_sha256": hashlib.sha256(content.encode()).hexdigest(), "dvc_lock": content}
+
+
+def dvc_cache_dir(project: Path, dvc: str) -> str:
+    """The project's DVC cache, which every snapshot shares (on a cluster: a shared filesystem)."""
+    done = subprocess.run([dvc, "cache", "dir"], cwd=project, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+def make_snapshot(project: Path, commit: str, workdir: Path, params: dict, cache_dir: str) -> None:
+    """Check `commit` out into `workdir`, with `params` as its params.yaml and the project's DVC cache."""
+    git(project, "clone", "--quiet", "--shared", "--no-checkout", str(project), str(workdir))
+    git(workdir, "checkout", "--quiet", "--detach", commit)
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # .dvc/config.local is DVC's per-checkout config (git-ignored); written directly, it costs no dvc start-up.
+    (workdir / ".dvc" / "config.local").write_text(f"[cache]\n    dir = {cache_dir}\n")
+
+
+def keep_commit(project: Path, commit: str, job_id: str) -> None:
+    """A ref to the commit a job runs, so that `git gc` never prunes it (a dirty tree's commit is otherwise
+    unreachable, and the snapshots borrow the project's objects)."""
+    git(project, "update-ref", f"refs/labpipe/jobs/{job_id}", commit)

@@ -1,0 +1,90 @@
+"""What a Slurm task runs: `dvc repro <stage>` in its snapshot, pinned to the submitted data.
+
+submitit pickles a StageJob at submission and calls it on the node. It is Checkpointable: on preemption
+or at the time limit, Slurm signals the job (USR2), submitit calls `checkpoint()`, which resubmits the same
+StageJob, and requeues the job. There is no state to save here: the stages checkpoint themselves (atomic
+files in the snapshot, e.g. artifacts/grok/checkpoints/), so the requeued `dvc repro` resumes where the
+stage left off, in the same MLflow run. A job requeued without warning (`scontrol requeue`, a node
+failure) runs the same StageJob again and resumes the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import submitit
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """Task `task` of job `job_id`: `dvc repro <stage>` in `workdir`, the task's snapshot of the commit."""
+
+    def __init__(self, job_id: str, task: int, stage: str, workdir: str, tracking_uri: str, dvc_lock_sha256: str):
+        self.job_id = job_id
+        self.task = task
+        self.stage = stage
+        self.workdir = workdir
+        self.tracking_uri = tracking_uri
+        self.dvc_lock_sha256 = dvc_lock_sha256
+
+    def __call__(self) -> dict:
+        env = self.environment()
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+        print(f"labpipe job {self.job_id} task {self.task}: dvc repro {self.stage} in {self.workdir}"
+              + (f" (restart {restarts})" if restarts else ""), flush=True)
+        self.dvc(env, "checkout", "--with-deps", "--allow-missing", self.stage)
+        self.check_data(env)
+        self.dvc(env, "repro", self.stage)
+        # The stage's outputs are in the shared DVC cache now; the task's dvc.lock says which hashes.
+        return {"job": self.job_id, "task": self.task, "dvc_lock": (Path(self.workdir) / "dvc.lock").read_text()}
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on preemption or timeout, before it requeues the job: run this task again."""
+        print(f"labpipe job {self.job_id} task {self.task}: checkpoint: requeued (preemption or time limit); the "
+              "stage resumes from its own checkpoint", flush=True)
+        return submitit.helpers.DelayedSubmission(self)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        # The snapshot's code, not the installed package's: `labpipe` in dvc.yaml imports from src/ first.
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(self.workdir) / "src"), env.get("PYTHONPATH")]))
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        # The project's MLflow store (not one in the snapshot), and a tag on every run the task opens, by
+        # which `labpipe jobs show` finds them: MLflow adds MLFLOW_RUN_CONTEXT's tags to each new run.
+        env["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        env["MLFLOW_RUN_CONTEXT"] = json.dumps({"labpipe.job_id": self.job_id, "labpipe.task": str(self.task)})
+        return env
+
+    def check_data(self, env: dict[str, str]) -> None:
+        """Every input of the stage at the hash the submitted dvc.lock pins? `dvc checkout` has just restored
+        them from the cache; `dvc status` names the upstream stages that still differ (their outputs were
+        not in the cache), which `dvc repro` then reproduces from the same code and params."""
+        status = json.loads(self.dvc(env, "status", "--with-deps", "--json", self.stage, capture=True) or "{}")
+        differ = sorted(name for name in status if name != self.stage)
+        if differ:
+            print(f"data: {', '.join(differ)} not at the submitted dvc.lock's hashes; dvc repro reproduces them",
+                  flush=True)
+        else:
+            print(f"data: every input of {self.stage} matches the submitted dvc.lock "
+                  f"(sha256 {self.dvc_lock_sha256[:12]})", flush=True)
+
+    def dvc(self, env: dict[str, str], *args: str, capture: bool = False) -> str:
+        """Run dvc in the snapshot; its output goes to the task's log (submitit's stdout file)."""
+        command = [str(Path(sys.executable).parent / "dvc"), *args]
+        # Its own process group: when submitit stops this task (preemption), the whole stage goes with it,
+        # not only dvc, so that no orphaned trainer keeps writing into the snapshot.
+        process = subprocess.Popen(command, cwd=self.workdir, env=env, start_new_session=True,
+                                   stdout=subprocess.PIPE if capture else None, text=True)
+        try:
+            out, _ = process.communicate()
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait()
+        if process.returncode != 0:
+            raise RuntimeError(f"dvc {' '.join(args)} failed with exit code {process.returncode} (log above)")
+        return out or ""
