@@ -140,6 +140,10 @@ def test_an_interrupted_run_resumes_to_the_same_csv(text_project):
     # a rerun adds nothing
     run_dormancy(_params(directory, repo_params, output_csv="two/results.csv"))
     assert len(pd.read_csv("two/results.csv")) == len(one)
+    # rows made from other text are never mixed in
+    with pytest.raises(ValueError, match=r"two/results.csv holds rows made with .*'samples': 10.*'samples': 2"):
+        run_dormancy(_params(directory, repo_params, output_csv="two/results.csv", samples=2))
+    assert len(pd.read_csv("two/results.csv")) == len(one)
 
 
 def test_plots_show_the_expected_series(tmp_path):

@@ -19,13 +19,16 @@ CSV (appended; one row per revision, layer and threshold), columns exactly COLUM
     max_activation  the largest |h_i| on any token and neuron
     pct_dormant     100 * num_dormant / num_neurons
 A revision's rows are written together, atomically, so a killed run never leaves half a revision; a restarted
-run skips the (model, revision, threshold) triples already in the file.
+run skips the (model, revision, threshold) triples already in the file. The text settings the rows were made
+with sit beside it (<csv>.settings.json): appending with other settings is refused, since old rows would be
+reused as if they were comparable.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +40,7 @@ from tqdm import tqdm
 
 from labpipe.config import DormancyParams, Params, flatten
 from labpipe.device import resolve_device
-from labpipe.files import atomic_path
+from labpipe.files import atomic_path, write_json
 
 LINE = "dormant-neurons"
 COLUMNS = ["timestamp", "model", "revision", "step", "threshold", "layer_name", "layer_index", "num_neurons",
@@ -227,6 +230,18 @@ def append_rows(path: str | Path, rows: list[dict]) -> None:
         frame.to_csv(tmp, index=False)
 
 
+def check_text_settings(d: DormancyParams) -> None:
+    """ValueError when the CSV holds rows made from other text than d asks for; else record d's settings."""
+    settings = {key: getattr(d, key) for key in ("text_source", "text_split", "text_field", "samples", "max_length")}
+    sidecar = Path(f"{d.output_csv}.settings.json")
+    if Path(d.output_csv).exists() and sidecar.exists():
+        saved = json.loads(sidecar.read_text())
+        if saved != settings:
+            raise ValueError(f"{d.output_csv} holds rows made with {saved}, not {settings}: they would be reused as "
+                             "if comparable; choose another output CSV (or delete it)")
+    write_json(sidecar, settings)
+
+
 def run_dormancy(params: Params) -> None:
     """Stage dormancy."""
     from labpipe.dormancy.plots import save_plots
@@ -236,6 +251,7 @@ def run_dormancy(params: Params) -> None:
     device = resolve_device(d.device)
     revisions = list_revisions(d)
     done = read_results(d.output_csv)
+    check_text_settings(d)
     done = set(zip(done.model, done.revision, done.threshold.astype(float), strict=True))
     for revision in tqdm(revisions, desc="checkpoints", unit="revision"):
         thresholds = [float(t) for t in d.thresholds if (d.model, revision.name, float(t)) not in done]
