@@ -1,5 +1,6 @@
 """Dormant-neuron analysis on tiny GPT-NeoX and Llama checkpoints, against activations recomputed by hand."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,12 +11,15 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import write_params
 from labpipe.config import load_params
+from labpipe.dormancy import plots
 from labpipe.dormancy.analysis import COLUMNS, run_dormancy
-from labpipe.dormancy.plots import heatmap, most_variable_layers, over_steps, save_plots
+from labpipe.synth.manifest import MANIFEST, Shard, write_manifest
 
 WORDS = "the a dog cat ran sat on mat . big small red".split()
 TEXTS = ["the dog ran .", "a big red cat sat on the mat .", "the cat .", "a small dog sat on a red mat . the end"]
@@ -57,12 +61,11 @@ def save_revisions(directory: Path, arch: str, steps=(10, 20)) -> dict[int, torc
     return models
 
 
-def mlp_neurons_by_hand(model: torch.nn.Module, text: str) -> list[np.ndarray]:
-    """Each layer's MLP activation for one unpadded text, from the MLP's input and its weights."""
+def mlp_neurons_by_hand(model: torch.nn.Module, ids: torch.Tensor) -> list[np.ndarray]:
+    """Each layer's MLP activation for one unpadded sequence (1, length), from the MLP's input and its weights."""
     inputs = []
     layers = model.gpt_neox.layers if hasattr(model, "gpt_neox") else model.model.layers
     handles = [layer.mlp.register_forward_pre_hook(lambda _m, args: inputs.append(args[0][0])) for layer in layers]
-    ids = tokenizer()(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         model(input_ids=ids)
         for handle in handles:
@@ -79,7 +82,11 @@ def mlp_neurons_by_hand(model: torch.nn.Module, text: str) -> list[np.ndarray]:
 
 
 def expected_rows(model, texts, thresholds):
-    per_layer = [np.concatenate(layer) for layer in zip(*(mlp_neurons_by_hand(model, t) for t in texts), strict=True)]
+    """The CSV's numbers, from each text alone (no padding); `texts` may also be rows of token ids."""
+    sequences = [tokenizer()(t, return_tensors="pt")["input_ids"] if isinstance(t, str) else torch.as_tensor(t)[None]
+                 for t in texts]
+    per_layer = [np.concatenate(layer) for layer in zip(*(mlp_neurons_by_hand(model, s) for s in sequences),
+                                                        strict=True)]
     rows = []
     for tau in thresholds:
         for index, h in enumerate(per_layer):
@@ -126,6 +133,44 @@ def test_scores_match_activations_recomputed_by_hand_with_padding_in_the_batch(t
     assert set(at_zero[at_zero.layer_index == 1].num_dormant) == {4}
     assert set(at_zero[at_zero.layer_index == 0].num_dormant) == {0}
     assert (results.groupby(["step", "layer_index"]).num_dormant.apply(lambda s: s.is_monotonic_increasing)).all()
+    # MLflow: % dormant per layer and threshold at step = training step, and the three plots
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("dormant-neurons").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "pct_dormant/tau_0/layer_1")
+    assert [(m.step, m.value) for m in history] == [(10, 12.5), (20, 12.5)]
+    means = client.get_metric_history(run.info.run_id, "pct_dormant/tau_0.5/mean")
+    assert [m.value for m in means] == pytest.approx(
+        [results[(results.step == step) & (results.threshold == 0.5)].pct_dormant.mean() for step in (10, 20)])
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "plots"))
+    assert logged == ["plots/dormancy_heatmap.png", "plots/dormancy_over_steps.png", "plots/layer_evolution.png"]
+    assert all((directory / "artifacts/dormancy" / p).exists() for p in logged)
+
+
+def test_synth_text_is_the_first_samples_of_the_val_shards(project):
+    """text_source=synth: token ids of the val shards (not train), across shards, cut to max_length."""
+    directory, repo_params = project
+    rng = np.random.default_rng(0)
+    val = [rng.integers(2, 16, (3, 12)), rng.integers(2, 16, (3, 12))]
+    shards, out = [], directory / "shards"
+    out.mkdir()
+    for index, (split, rows) in enumerate([("train", np.zeros((3, 12), int)), ("val", val[0]), ("val", val[1])]):
+        name = f"{split}_{index:05d}.bin"
+        (out / name).write_bytes(rows.astype("<u2").tobytes())
+        shards.append(Shard(split, index, name, rows.size, len(rows), "0" * 64, index, ()))
+    write_manifest(MANIFEST, {"dtype": "<u2", "vocab_size": 16, "seq_length": 12, "sequences_per_shard": 3,
+                              "start": "stationary", "permute_emissions": False, "block_sequences": 3, "hmm": {},
+                              "out_dir": str(out)}, shards)
+    model = save_revisions(directory / "ckpt", "gpt_neox", steps=(10,))[10]
+    # the model: one save_pretrained directory, its own revision
+    run_dormancy(_params(directory, repo_params, model="ckpt/step_00000010", text_source="synth", samples=5,
+                         max_length=8, batch_size=2, thresholds=[0.5]))
+    results = pd.read_csv("artifacts/dormancy/results.csv")
+    assert set(results.revision) == {"step_00000010"} and set(results.step) == {10}
+    used = np.concatenate(val)[:5, :8]
+    for row, expected in zip(results.itertuples(), expected_rows(model, used, [0.5]), strict=True):
+        assert row.num_dormant == expected["num_dormant"]
+        assert row.avg_activation == pytest.approx(expected["avg_activation"], rel=1e-5)
+        assert row.max_activation == pytest.approx(expected["max_activation"], rel=1e-5)
 
 
 def test_an_interrupted_run_resumes_to_the_same_csv(text_project):
@@ -146,21 +191,49 @@ def test_an_interrupted_run_resumes_to_the_same_csv(text_project):
     assert len(pd.read_csv("two/results.csv")) == len(one)
 
 
-def test_plots_show_the_expected_series(tmp_path):
-    rows = [{"timestamp": "t", "model": "m", "revision": f"step{s}", "step": s, "threshold": 0.1,
+def test_plots_show_the_expected_series(tmp_path, monkeypatch):
+    rows = [{"timestamp": "t", "model": "m", "revision": f"step{s}", "step": s, "threshold": tau,
              "layer_name": f"l{i}", "layer_index": i, "num_neurons": 10, "num_dormant": 0,
-             "pct_dormant": p, "avg_activation": 1.0, "max_activation": 2.0}
+             "pct_dormant": p if tau == 0.1 else 0.0, "avg_activation": 1.0, "max_activation": 2.0}
+            for tau in (0.0, 0.1, 0.5)
             for s, pcts in ((1, [0, 10, 20]), (2, [0, 50, 20]), (3, [0, 90, 30])) for i, p in enumerate(pcts)]
     results = pd.DataFrame(rows, columns=COLUMNS)
-    by_step = over_steps(results)
-    np.testing.assert_allclose(by_step["mean"], [10, 70 / 3, 40])
-    np.testing.assert_allclose(by_step["min"], [0, 0, 0])
-    np.testing.assert_allclose(by_step["max"], [20, 50, 90])
-    assert heatmap(results, max_layers=2).shape == (2, 3)
-    assert list(most_variable_layers(results, 2).columns) == [1, 2]  # layer 1 varies most, then layer 2
-    paths = save_plots(results, f"{tmp_path}/x_")
+    saved = []  # every figure, as it is saved
+    savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: (saved.append(figure),
+                                                                            savefig(figure, *args, **kwargs)))
+    paths = plots.save_plots(results, f"{tmp_path}/x_", max_layers_heatmap=2, num_layers_evolution=2)
     assert [p.name for p in paths] == ["x_dormancy_over_steps.png", "x_dormancy_heatmap.png", "x_layer_evolution.png"]
     assert all(p.stat().st_size > 0 for p in paths)
+    over, heat, evolution = (figure.axes[0] for figure in saved)
+    # tau = 0.1 by default (not the largest, 0.5): mean across layers, and the min..max band
+    assert "tau = 0.1" in over.get_title()
+    np.testing.assert_allclose(over.lines[0].get_xdata(), [1, 2, 3])
+    np.testing.assert_allclose(over.lines[0].get_ydata(), [10, 70 / 3, 40])
+    band = over.collections[0].get_paths()[0].vertices
+    np.testing.assert_allclose(sorted(set(band[:, 1])), [0, 20, 50, 90])  # min 0 everywhere; max 20, 50, 90
+    # layers x steps, the first two layers
+    np.testing.assert_allclose(heat.images[0].get_array(), [[0, 0, 0], [10, 50, 90]])
+    # the two layers that vary most: layer 1, then layer 2
+    assert [line.get_label() for line in evolution.lines] == ["layer 1", "layer 2"]
+    np.testing.assert_allclose([line.get_ydata() for line in evolution.lines], [[10, 50, 90], [20, 20, 30]])
+    saved.clear()
+    plots.save_plots(results, f"{tmp_path}/y_", threshold=0.5)
+    assert "tau = 0.5" in saved[0].axes[0].get_title() and list(saved[0].axes[0].lines[0].get_ydata()) == [0, 0, 0]
+
+
+def test_the_plot_verb_plots_one_model_and_names_the_choices(tmp_path, capsys):
+    rows = [{"timestamp": "t", "model": model, "revision": f"step{s}", "step": s, "threshold": 0.1,
+             "layer_name": "l0", "layer_index": 0, "num_neurons": 10, "num_dormant": s,
+             "pct_dormant": 10.0 * s, "avg_activation": 1.0, "max_activation": 2.0}
+            for model in ("a", "b") for s in (1, 2)]
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp_path / "two.csv", index=False)
+    assert plots.main([str(tmp_path / "two.csv"), "--no-show", "--save-prefix", f"{tmp_path}/"]) == 2
+    assert "the CSV holds several models (a, b): choose one with --model" in capsys.readouterr().err
+    assert plots.main([str(tmp_path / "two.csv"), "--no-show", "--save-prefix", f"{tmp_path}/", "--model", "b"]) == 0
+    assert "threshold 0.1: 2 revisions, 1 layers" in capsys.readouterr().out
+    assert plots.main([str(tmp_path / "none.csv"), "--no-show"]) == 2
+    assert "none.csv: no such file" in capsys.readouterr().err
 
 
 def test_the_cli_quick_flag_and_the_plot_verb(text_project):
@@ -173,6 +246,8 @@ def test_the_cli_quick_flag_and_the_plot_verb(text_project):
     assert done.returncode == 0, done.stderr
     results = pd.read_csv(directory / "artifacts/dormancy/results.csv")
     assert sorted(results.step.unique()) == [10, 20] and sorted(results.threshold.unique()) == [0.0, 0.1]
+    settings = json.loads((directory / "artifacts/dormancy/results.csv.settings.json").read_text())
+    assert settings["samples"] == 100  # --quick's, over params.yaml's 500
     plotted = subprocess.run([sys.executable, "-m", "labpipe", "dormancy-plot", "artifacts/dormancy/results.csv",
                               "--no-show", "--save-prefix", "p/"], cwd=directory, capture_output=True, text=True)
     assert plotted.returncode == 0, plotted.stderr
@@ -199,9 +274,12 @@ def test_hub_revisions_resolve_offline_from_a_local_cache(text_project, tmp_path
     assert done.returncode == 0, done.stderr
     results = pd.read_csv(directory / "artifacts/dormancy/results.csv")
     assert list(results.revision.unique()) == ["step10", "step20"] and list(results.step.unique()) == [10, 20]
-    expected = expected_rows(models[20], TEXTS, [0.0])
-    got = results[(results.step == 20) & (results.threshold == 0.0)].sort_values("layer_index")
-    assert list(got.num_dormant) == [e["num_dormant"] for e in expected]
+    for step, model in models.items():  # each revision's own weights: step10 and step20 differ
+        got = results[(results.step == step) & (results.threshold == 0.5)].sort_values("layer_index")
+        expected = expected_rows(model, TEXTS, [0.5])
+        assert list(got.num_dormant) == [e["num_dormant"] for e in expected]
+        assert list(got.avg_activation) == pytest.approx([e["avg_activation"] for e in expected], rel=1e-5)
+    assert results[results.step == 10].avg_activation.tolist() != results[results.step == 20].avg_activation.tolist()
     _params(directory, repo_params, model="lab/tiny", revisions=["step99"])
     missing = subprocess.run([sys.executable, "-m", "labpipe", "dormancy"], cwd=directory, capture_output=True,
                              text=True, env=env)
@@ -220,3 +298,12 @@ def test_bad_inputs_are_clear_errors(text_project):
     Path("empty.txt").write_text("\n")
     with pytest.raises(ValueError, match="gave no text"):
         run_dormancy(_params(directory, repo_params, text_source=str(directory / "empty.txt")))
+    with pytest.raises(ValueError, match=r"text source '.*missing.txt'.*no such file"):
+        run_dormancy(_params(directory, repo_params, text_source=str(directory / "missing.txt")))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=16)).save_pretrained("gpt2/step_1")
+    tokenizer().save_pretrained("gpt2/step_1")
+    with pytest.raises(ValueError, match=r"no dormancy hook point for architecture 'gpt2'; known: gpt_neox, llama"):
+        run_dormancy(_params(directory, repo_params, model="gpt2"))

@@ -4,20 +4,34 @@ For the MLP neurons h of one layer, over every non-padding token of the text sam
 
     s_i = E|h_i| / mean_k E|h_k|,    neuron i is dormant at threshold tau iff s_i <= tau,
 
-so tau = 0 counts only neurons that are exactly zero on every token. All thresholds come from one pass over
-the data: per layer, a running float64 sum of |h_i| and a token count (memory does not grow with the samples).
+so tau = 0 counts only the neurons that are exactly zero on every token. One pass over the data serves every
+threshold: per layer, a running float64 sum of |h_i| per neuron and a running max (memory does not grow with
+the samples), and one checkpoint in memory at a time. Models are loaded in float32 whatever their checkpoint's
+dtype (Pythia's says float16), so that tau = 0 sees true zeros, not float16 underflow.
 
 Neurons (HOOK_POINTS, keyed by config.model_type): GPT-NeoX (Pythia): the output of layers[i].mlp.act;
-Llama: the SwiGLU product act_fn(gate_proj(x)) * up_proj(x), i.e. the input of layers[i].mlp.down_proj.
+Llama (and Mistral, Qwen2): the SwiGLU product act_fn(gate_proj(x)) * up_proj(x), i.e. the input of
+layers[i].mlp.down_proj, read by a forward pre-hook.
 
 Revisions: a local directory holding step_XXXXXXXX/ save_pretrained checkpoints (lm_train's) gives one revision
-per subdirectory; a Hugging Face name takes hub revisions (from_pretrained(name, revision="step1000"), as the
-lab's Pythia checkpoints). step = the integer in the revision's name.
+per subdirectory, in step order; a single save_pretrained directory is one revision; any other name is a
+Hugging Face model whose hub revisions are loaded by from_pretrained(name, revision="step1000") (the lab's
+Pythia checkpoints). step = the last integer in the revision's name.
+
+Text: "synth" = the first `samples` sequences of the synthetic val shards (token ids, no tokenizer, no padding);
+else the first `samples` texts of a Hugging Face dataset or a local .txt/.json file, tokenized by the revision's
+own tokenizer, truncated to max_length and padded on the right; the attention mask keeps padding out of every
+statistic.
 
 CSV (appended; one row per revision, layer and threshold), columns exactly COLUMNS:
-    avg_activation  mean over the layer's neurons of E|h_i|      (the denominator of s_i)
-    max_activation  the largest |h_i| on any token and neuron
+    timestamp       when the revision's rows were written (UTC, ISO 8601)
+    model           the `model` param as given; revision, step as above
+    threshold       tau
+    layer_name      the hooked module, e.g. gpt_neox.layers.3.mlp.act; layer_index its decoder layer
+    num_neurons     the layer's MLP width; num_dormant those with s_i <= tau
     pct_dormant     100 * num_dormant / num_neurons
+    avg_activation  the mean over the layer's neurons of E|h_i| (the denominator of s_i)
+    max_activation  the largest |h_i| over every non-padding token and neuron
 A revision's rows are written together, atomically, so a killed run never leaves half a revision; a restarted
 run skips the (model, revision, threshold) triples already in the file. The text settings the rows were made
 with sit beside it (<csv>.settings.json): appending with other settings is refused, since old rows would be
@@ -28,9 +42,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
+import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -41,18 +57,24 @@ from tqdm import tqdm
 from labpipe.config import DormancyParams, Params, flatten
 from labpipe.device import resolve_device
 from labpipe.files import atomic_path, write_json
+from labpipe.text.corpus import HUB_NAME, load_stories
 
-LINE = "dormant-neurons"
+LINE = "dormant-neurons"  # the MLflow experiment
 COLUMNS = ["timestamp", "model", "revision", "step", "threshold", "layer_name", "layer_index", "num_neurons",
            "num_dormant", "pct_dormant", "avg_activation", "max_activation"]
-# model_type -> (the list of decoder layers, the module inside a layer, whether its "output" or "input" is h)
+# model_type -> (the decoder layers, the module inside each layer, which side of that module is h)
 HOOK_POINTS = {
     "gpt_neox": ("gpt_neox.layers", "mlp.act", "output"),
     "llama": ("model.layers", "mlp.down_proj", "input"),
     "mistral": ("model.layers", "mlp.down_proj", "input"),
     "qwen2": ("model.layers", "mlp.down_proj", "input"),
 }
-STEP_DIR = re.compile(r"step_?\d+")
+STEP_DIR = re.compile(r"step_?\d+")  # lm_train's step_00000050, or step1000 for hub revisions saved locally
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), both (batch, length)
+
+
+# ----------------------------------------------------------------------------- checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +82,7 @@ class Revision:
     name: str  # as in the CSV
     step: int
     source: str  # what from_pretrained loads: a directory, or a hub name
-    hub_revision: str | None  # the hub revision, None for a directory
+    hub_revision: str | None  # the hub revision; None for a directory
 
 
 def step_of(name: str) -> int:
@@ -69,20 +91,26 @@ def step_of(name: str) -> int:
 
 
 def list_revisions(d: DormancyParams) -> list[Revision]:
-    """The revisions to analyze, in training order; ValueError naming a revision that does not exist."""
+    """The revisions to analyze, in training order (or as listed); ValueError naming one that does not exist."""
     path = Path(d.model)
-    if path.is_dir():
-        available = sorted((p.name for p in path.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)), key=step_of)
-        if not available and (path / "config.json").exists():  # a single model directory
-            available = ["."]
-        for name in d.revisions:
-            if name not in available:
-                raise ValueError(f"revision {name!r} not found in {path}; available: {', '.join(available) or 'none'}")
-        revisions = [Revision(name, step_of(name), str(path / name), None) for name in d.revisions or available]
+    if not path.is_dir():
+        if not HUB_NAME.fullmatch(d.model):
+            raise ValueError(f"model {d.model!r} is neither a directory nor a Hugging Face model name")
+        return _first(d, [Revision(name, step_of(name), d.model, name) for name in d.revisions or ["main"]])
+    if (path / "config.json").exists():  # one save_pretrained directory, e.g. a single lm_train checkpoint
+        available = {path.name: path}
     else:
-        revisions = [Revision(name, step_of(name), d.model, name) for name in d.revisions or ["main"]]
-    if not revisions:
-        raise ValueError(f"no checkpoints under {path}: expected step_XXXXXXXX/ directories (lm_train's)")
+        subdirs = [p for p in path.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)]
+        available = {p.name: p for p in sorted(subdirs, key=lambda p: step_of(p.name))}
+    if not available:
+        raise ValueError(f"no checkpoints in {path}: expected step_XXXXXXXX/ directories (lm_train's)")
+    for name in d.revisions:
+        if name not in available:
+            raise ValueError(f"revision {name!r} not found in {path}; available: {', '.join(available)}")
+    return _first(d, [Revision(name, step_of(name), str(available[name]), None) for name in d.revisions or available])
+
+
+def _first(d: DormancyParams, revisions: list[Revision]) -> list[Revision]:
     return revisions[: d.max_revisions] if d.max_revisions else revisions
 
 
@@ -90,14 +118,15 @@ def load_model(revision: Revision, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(revision.source, revision=revision.hub_revision)
-    except (OSError, ValueError) as error:
+        model = AutoModelForCausalLM.from_pretrained(revision.source, revision=revision.hub_revision,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError) as error:  # a missing revision or file, offline or not
         raise ValueError(f"cannot load {revision.source} at revision {revision.name!r}: {error}") from error
     return model.to(device).eval()
 
 
 def hooked_modules(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], str]:
-    """[(layer name, module)] whose output or input (the second value) holds the MLP neurons."""
+    """[(layer name, module)] whose output or input (the second value: "output" or "input") is h."""
     model_type = model.config.model_type
     if model_type not in HOOK_POINTS:
         raise ValueError(f"no dormancy hook point for architecture {model_type!r}; known: {', '.join(HOOK_POINTS)}")
@@ -109,29 +138,64 @@ def hooked_modules(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Mod
 # ----------------------------------------------------------------------------- text
 
 
-def token_batches(d: DormancyParams, revision: Revision) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches of d.samples samples, at most d.max_length tokens each."""
+def batch_source(d: DormancyParams) -> Callable[[Revision], Iterator[Batch]]:
+    """revision -> its batches of the d.samples samples. The source is checked here, before any checkpoint loads."""
     if d.text_source == "synth":
         from labpipe.synth.manifest import load_manifest
 
         manifest = load_manifest()
-        rows = np.concatenate([manifest.open(shard)[:, : d.max_length] for shard in manifest.split("val")])[: d.samples]
-        if len(rows) == 0:
-            raise ValueError(f"{manifest.path}: the val shards hold no sequences")
+        shards = manifest.split("val")
+        if not sum(shard.sequences for shard in shards):
+            raise ValueError(f"{manifest.path}: the synthetic val shards hold no sequences")
+        return lambda _revision: synth_batches(manifest, shards, d)
+    texts = read_texts(d)
+    return lambda revision: text_batches(texts, load_tokenizer(revision), d)
+
+
+def synth_batches(manifest, shards, d: DormancyParams) -> Iterator[Batch]:
+    """The first d.samples sequences of the val shards, cut to max_length; every row is real tokens."""
+    left = d.samples
+    for shard in shards:
+        rows = manifest.open(shard)[:left, : d.max_length]  # a memmap: only these rows are ever read
+        left -= len(rows)
         for first in range(0, len(rows), d.batch_size):
             ids = torch.from_numpy(rows[first:first + d.batch_size].astype(np.int64))
             yield ids, torch.ones_like(ids)
-        return
-    from transformers import AutoTokenizer
+        if left == 0:
+            return
 
-    from labpipe.text.corpus import load_stories
 
-    texts = [t for t in load_stories(d.text_source, d.text_split, None, d.text_field, d.samples) if t.strip()]
+def read_texts(d: DormancyParams) -> list[str]:
+    """The first d.samples non-empty texts, read once so that every revision sees the same samples."""
+    try:
+        stories = load_stories(d.text_source, d.text_split, None, d.text_field)
+        texts = list(itertools.islice((text for text in stories if text.strip()), d.samples))
+    except FileNotFoundError as error:
+        raise ValueError(f"text source {d.text_source!r}: {error}") from error
     if not texts:
         raise ValueError(f"text source {d.text_source!r} (split {d.text_split}) gave no text")
-    tokenizer = AutoTokenizer.from_pretrained(revision.source, revision=revision.hub_revision)
-    if tokenizer.pad_token is None:
+    return texts
+
+
+def load_tokenizer(revision: Revision):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(revision.source, revision=revision.hub_revision)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"no tokenizer for {revision.source} at revision {revision.name!r} (a text source needs "
+                         f"one; text_source=synth does not): {error}") from error
+    if tokenizer.pad_token is None:  # Pythia's has none; padded positions are masked out anyway
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {revision.source} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
+    # Right padding leaves every real token where it is unpadded: Llama's positions count from the first column
+    # whatever the mask says, and causal attention never lets a real token see the padding after it.
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def text_batches(texts: list[str], tokenizer, d: DormancyParams) -> Iterator[Batch]:
     for first in range(0, len(texts), d.batch_size):
         encoded = tokenizer(texts[first:first + d.batch_size], return_tensors="pt", padding=True, truncation=True,
                             max_length=d.max_length)
@@ -142,22 +206,65 @@ def token_batches(d: DormancyParams, revision: Revision) -> Iterator[tuple[torch
 
 
 class NeuronStats:
-    """Running sums of |h_i| over the non-padding tokens of one layer."""
+    """Running sum of |h_i| per neuron (float64) and max |h| over the non-padding tokens of one layer."""
 
     def __init__(self):
         self.abs_sum: torch.Tensor | None = None
-        self.max_abs = 0.0
-        self.tokens = 0
+        self.max_abs: torch.Tensor | None = None
 
-    def add(self, h: torch.Tensor, mask: torch.Tensor) -> None:
-        flat = h[mask].abs()  # (tokens, neurons): padding dropped before anything is summed
-        sums = flat.sum(0, dtype=torch.float64)
-        self.abs_sum = sums if self.abs_sum is None else self.abs_sum + sums
-        self.max_abs = max(self.max_abs, float(flat.max())) if flat.numel() else self.max_abs
-        self.tokens += flat.shape[0]
+    def add(self, h: torch.Tensor, weights: torch.Tensor) -> None:
+        """h: (batch, length, neurons); weights: (batch, length), 1 on real tokens and 0 on padding."""
+        magnitude = h.detach().abs().flatten(0, -2).float()  # .float(): a no-op for load_model's float32 models
+        weights = weights.flatten()
+        # A masked sum as one matrix-vector product, and a masked max from per-token maxima (|h| >= 0): no boolean
+        # indexing, whose data-dependent shape would make a GPU wait at every layer of every batch. The product
+        # sums one batch's tokens in float32 (10x faster than float64 on a CPU); the running sum over batches,
+        # whose rounding error would grow with the samples, is float64.
+        abs_sum = (weights @ magnitude).double()
+        max_abs = (magnitude.amax(-1) * weights).max()
+        self.abs_sum = abs_sum if self.abs_sum is None else self.abs_sum + abs_sum
+        self.max_abs = max_abs if self.max_abs is None else torch.maximum(self.max_abs, max_abs)
 
-    def mean_abs(self) -> np.ndarray:
-        return (self.abs_sum / self.tokens).cpu().numpy()
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    name: str
+    mean_abs: np.ndarray  # E|h_i| per neuron over the non-padding tokens
+    max_abs: float
+
+
+@torch.inference_mode()
+def layer_statistics(model: torch.nn.Module, batches, device: torch.device) -> list[LayerStats]:
+    """One pass over `batches` with a hook on every layer's MLP neurons."""
+    modules, side = hooked_modules(model)
+    stats = [NeuronStats() for _ in modules]
+    current = {}  # the batch's token weights, read by the hooks
+
+    def observer(layer: NeuronStats):
+        def hook(_module, inputs, output=None):  # a forward hook gets the output too, a pre-hook only the inputs
+            layer.add(output if side == "output" else inputs[0], current["weights"])
+        return hook
+
+    register = "register_forward_hook" if side == "output" else "register_forward_pre_hook"
+    handles = [getattr(module, register)(observer(layer)) for (_name, module), layer in zip(modules, stats,
+                                                                                            strict=True)]
+    # The hooks need the decoder layers only: the backbone skips the LM head, more than half of Pythia-70m's
+    # forward FLOPs (512 x 50k per token) and a batch x length x vocab logits tensor.
+    backbone = model.base_model
+    tokens = 0
+    try:
+        for input_ids, attention_mask in batches:
+            tokens += int(attention_mask.sum())  # on the CPU, before the copy: no device sync
+            attention_mask = attention_mask.to(device)
+            current["weights"] = attention_mask.float()
+            backbone(input_ids=input_ids.to(device), attention_mask=attention_mask, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if tokens == 0:
+        raise ValueError("the text source gave no tokens")
+    return [LayerStats(name, (layer.abs_sum / tokens).cpu().numpy(), float(layer.max_abs))
+            for (name, _module), layer in zip(modules, stats, strict=True)]
 
 
 def scores(mean_abs: np.ndarray) -> np.ndarray:
@@ -166,45 +273,18 @@ def scores(mean_abs: np.ndarray) -> np.ndarray:
     return mean_abs / average if average > 0 else np.zeros_like(mean_abs)
 
 
-@torch.no_grad()
-def layer_statistics(model: torch.nn.Module, batches, device: torch.device) -> list[tuple[str, NeuronStats]]:
-    modules, side = hooked_modules(model)
-    stats = [NeuronStats() for _ in modules]
-    current_mask: list[torch.Tensor] = []
-
-    def hook_for(layer_stats: NeuronStats):
-        if side == "output":
-            return lambda _module, _inputs, output: layer_stats.add(output, current_mask[0])
-        return lambda _module, inputs: layer_stats.add(inputs[0], current_mask[0])
-
-    handles = [(module.register_forward_hook if side == "output" else module.register_forward_pre_hook)(
-        hook_for(layer_stats)) for (_name, module), layer_stats in zip(modules, stats, strict=True)]
-    try:
-        for input_ids, attention_mask in batches:
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            current_mask[:] = [attention_mask.bool()]
-            model(input_ids=input_ids, attention_mask=attention_mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if stats[0].tokens == 0:
-        raise ValueError("the text source gave no tokens")
-    return [(name, layer_stats) for (name, _module), layer_stats in zip(modules, stats, strict=True)]
-
-
-def revision_rows(d: DormancyParams, revision: Revision, layers: list[tuple[str, NeuronStats]],
+def revision_rows(d: DormancyParams, revision: Revision, layers: list[LayerStats],
                   thresholds: list[float]) -> list[dict]:
     timestamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rows = []
     for threshold in thresholds:
-        for index, (name, layer_stats) in enumerate(layers):
-            mean_abs = layer_stats.mean_abs()
-            dormant = int((scores(mean_abs) <= threshold).sum())
+        for index, layer in enumerate(layers):
+            dormant = int((scores(layer.mean_abs) <= threshold).sum())
+            width = len(layer.mean_abs)
             rows.append({"timestamp": timestamp, "model": d.model, "revision": revision.name, "step": revision.step,
-                         "threshold": threshold, "layer_name": name, "layer_index": index,
-                         "num_neurons": len(mean_abs), "num_dormant": dormant,
-                         "pct_dormant": 100.0 * dormant / len(mean_abs), "avg_activation": float(mean_abs.mean()),
-                         "max_activation": layer_stats.max_abs})
+                         "threshold": threshold, "layer_name": layer.name, "layer_index": index,
+                         "num_neurons": width, "num_dormant": dormant, "pct_dormant": 100.0 * dormant / width,
+                         "avg_activation": float(layer.mean_abs.mean()), "max_activation": layer.max_abs})
     return rows
 
 
@@ -214,9 +294,10 @@ def revision_rows(d: DormancyParams, revision: Revision, layers: list[tuple[str,
 def read_results(path: str | Path) -> pd.DataFrame:
     """The CSV, or an empty frame; ValueError when its columns are not exactly COLUMNS."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=COLUMNS)
-    frame = pd.read_csv(path)
+    # Names as strings even when they look like numbers (a revision that is a commit hash of digits)
+    frame = pd.read_csv(path, dtype={"model": str, "revision": str, "layer_name": str})
     if list(frame.columns) != COLUMNS:
         raise ValueError(f"{path} has columns {list(frame.columns)}, not {COLUMNS}: refusing to append to it "
                          "(choose another output CSV)")
@@ -224,8 +305,9 @@ def read_results(path: str | Path) -> pd.DataFrame:
 
 
 def append_rows(path: str | Path, rows: list[dict]) -> None:
-    """Old rows plus the new ones, written whole (atomically)."""
-    frame = pd.concat([read_results(path), pd.DataFrame(rows, columns=COLUMNS)], ignore_index=True)
+    """The old rows plus the new ones, the whole file rewritten atomically: readers never see half a revision."""
+    old, new = read_results(path), pd.DataFrame(rows, columns=COLUMNS)
+    frame = new if old.empty else pd.concat([old, new], ignore_index=True)
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
 
@@ -242,35 +324,49 @@ def check_text_settings(d: DormancyParams) -> None:
     write_json(sidecar, settings)
 
 
-def run_dormancy(params: Params) -> None:
-    """Stage dormancy."""
-    from labpipe.dormancy.plots import save_plots
-    from labpipe.tracking import stage_run
+# ----------------------------------------------------------------------------- the stage
 
+
+def run_dormancy(params: Params) -> None:
+    """Stage dormancy: analyze the revisions not yet in the CSV, then log every revision of the model to MLflow."""
     d = params.dormancy
     device = resolve_device(d.device)
     revisions = list_revisions(d)
+    batches_of = batch_source(d)
     done = read_results(d.output_csv)
     check_text_settings(d)
     done = set(zip(done.model, done.revision, done.threshold.astype(float), strict=True))
     for revision in tqdm(revisions, desc="checkpoints", unit="revision"):
-        thresholds = [float(t) for t in d.thresholds if (d.model, revision.name, float(t)) not in done]
+        thresholds = [t for t in d.thresholds if (d.model, revision.name, t) not in done]
         if not thresholds:
             tqdm.write(f"{revision.name}: already in {d.output_csv}")
             continue
-        model = load_model(revision, device)  # one checkpoint in memory at a time
-        batches = tqdm(token_batches(d, revision), desc=revision.name, unit="batch", leave=False)
-        append_rows(d.output_csv, revision_rows(d, revision, layer_statistics(model, batches, device), thresholds))
-        del model
+        model = load_model(revision, device)
+        batches = tqdm(batches_of(revision), desc=revision.name, unit="batch", leave=False,
+                       total=math.ceil(d.samples / d.batch_size))
+        layers = layer_statistics(model, batches, device)
+        del model  # before the next checkpoint loads: one in memory at a time
+        append_rows(d.output_csv, revision_rows(d, revision, layers, thresholds))
 
     results = read_results(d.output_csv)
-    results = results[results.model == d.model]
+    track(params, results[results.model == d.model])
+
+
+def track(params: Params, results: pd.DataFrame) -> None:
+    """% dormant per layer (and the mean over layers) as MLflow metrics at step = training step; the plots."""
+    from labpipe.dormancy.plots import save_plots
+    from labpipe.tracking import stage_run
+
+    d = params.dormancy
     plot_dir = Path(d.output_csv).parent / "plots"
     with stage_run(params.tracking, LINE, "dormancy", flatten(d, "dormancy.")) as run:
-        for (step, threshold), rows in results.groupby(["step", "threshold"]):
-            metrics = {f"pct_dormant/tau_{threshold:g}/layer_{i}": p
-                       for i, p in zip(rows.layer_index, rows.pct_dormant, strict=True)}
-            metrics[f"pct_dormant/tau_{threshold:g}/mean"] = float(rows.pct_dormant.mean())
+        for step, at_step in results.groupby("step"):
+            metrics = {}
+            for threshold, rows in at_step.groupby("threshold"):
+                prefix = f"pct_dormant/tau_{threshold:g}"
+                metrics.update({f"{prefix}/layer_{i}": p for i, p in zip(rows.layer_index, rows.pct_dormant,
+                                                                          strict=True)})
+                metrics[f"{prefix}/mean"] = rows.pct_dormant.mean()
             run.log_metrics(metrics, step=int(step))
         for path in save_plots(results, f"{plot_dir}/"):
             run.log_artifact(path, "plots")

@@ -1,18 +1,20 @@
 """labpipe dormancy-plot results.csv: the lab's three dormancy plots and summary statistics.
 
     labpipe dormancy-plot results.csv [--save-prefix plots/pythia_] [--no-show] [--threshold 0.1]
-                                      [--max-layers-heatmap 20] [--num-layers-evolution 5]
+                                      [--max-layers-heatmap 20] [--num-layers-evolution 5] [--model NAME]
 
 dormancy_over_steps.png  mean, min and max % dormant across layers vs training step
 dormancy_heatmap.png     % dormant per layer (rows) and step (columns)
 layer_evolution.png      % dormant vs step for the layers that vary most
-One threshold is plotted: --threshold, else 0.1 when the CSV has it, else its largest.
+One threshold is plotted: --threshold, else 0.1 when the CSV has it, else its largest; and one model: the
+CSV's only one, else --model.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +22,18 @@ import pandas as pd
 from labpipe.dormancy.analysis import read_results
 
 PLOTS = ("dormancy_over_steps.png", "dormancy_heatmap.png", "layer_evolution.png")
+
+
+def choose_model(results: pd.DataFrame, model: str | None) -> pd.DataFrame:
+    """The rows of `model`, or of the CSV's only model: steps of two models on one axis would mean nothing."""
+    models = list(dict.fromkeys(results.model))
+    if model is None:
+        if len(models) > 1:
+            raise ValueError(f"the CSV holds several models ({', '.join(models)}): choose one with --model")
+        return results
+    if model not in models:
+        raise ValueError(f"model {model!r} is not in the CSV; it has {', '.join(models)}")
+    return results[results.model == model]
 
 
 def choose_threshold(results: pd.DataFrame, threshold: float | None) -> float:
@@ -111,17 +125,21 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threshold", type=float)
     parser.add_argument("--max-layers-heatmap", type=int, default=20)
     parser.add_argument("--num-layers-evolution", type=int, default=5)
+    parser.add_argument("--model", help="whose rows to plot, when the CSV holds several models")
     args = parser.parse_args(argv)
     try:
+        if not Path(args.csv).is_file():
+            raise ValueError(f"{args.csv}: no such file")
         results = read_results(args.csv)
         if results.empty:
             raise ValueError(f"{args.csv} has no rows")
+        results = choose_model(results, args.model)
         threshold = choose_threshold(results, args.threshold)
         show = not args.no_show and bool(os.environ.get("DISPLAY"))
         paths = save_plots(results, args.save_prefix, threshold, args.max_layers_heatmap, args.num_layers_evolution,
                            show)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"labpipe dormancy-plot: error: {error}")
+    except ValueError as error:
+        print(f"labpipe dormancy-plot: error: {error}", file=sys.stderr)
         return 2
     print(summary(results[results.threshold.astype(float) == threshold], threshold))
     print("saved " + ", ".join(map(str, paths)))
