@@ -6,14 +6,18 @@ or absent, because it is written to a temp file and renamed into place.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from labpipe.files import atomic_path
+from labpipe.config import flatten
+from labpipe.files import atomic_path, sha256_file
 
 _NAME = re.compile(r"^(?P<unit>epoch|step)_(?P<number>\d+)\.pt$")
 
@@ -50,6 +54,15 @@ def latest(directory: str | Path) -> Path | None:
 def load(path: str | Path) -> dict[str, Any]:
     # weights_only=False: our checkpoints hold RNG states and plain Python records, and are our own files.
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def fingerprint(params: Any, inputs: Iterable[str | Path], package: str | Path) -> str:
+    """What a checkpoint must match to be resumed: the stage's params, the exact input files and the code of
+    its package (what its DVC stage depends on, so a checkpoint is resumed exactly when DVC would rerun it)."""
+    digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode())
+    for path in (*inputs, *sorted(Path(package).glob("*.py"))):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
 
 
 def resume(directory: str | Path, fingerprint: str) -> dict[str, Any] | None:

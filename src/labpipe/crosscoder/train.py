@@ -23,8 +23,6 @@ L0 lies in L0_BAND and its final mean explained variance beats the champion's; E
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 from pathlib import Path
 
@@ -39,7 +37,8 @@ from labpipe.crosscoder.buffer import LINE, META, ActivationBuffer, BatchStream
 from labpipe.crosscoder.metrics import DeadLatents, batch_metrics
 from labpipe.crosscoder.model import Crosscoder, LossTerms
 from labpipe.device import resolve_device
-from labpipe.files import atomic_path, sha256_file, write_json
+from labpipe.files import atomic_path, write_json
+from labpipe.plotting import pyplot, save_figure
 
 OUT_DIR = Path("artifacts/crosscoder")
 CHECKPOINTS = OUT_DIR / "checkpoints"
@@ -69,15 +68,6 @@ def check_params(c: CrosscoderParams) -> None:
         raise ValueError(f"crosscoder.lr_decay_start is a fraction of the steps, got {c.lr_decay_start}")
     if c.num_workers < 0 or c.lr_warmup_steps < 0 or c.l1_warmup_steps < 0 or c.dec_init_norm < 0:
         raise ValueError("crosscoder.num_workers, lr_warmup_steps, l1_warmup_steps and dec_init_norm must be >= 0")
-
-
-def fingerprint(c: CrosscoderParams, buffer: ActivationBuffer) -> str:
-    """What a checkpoint must match to be resumed: the params, the buffer (its meta.json holds the data's sha256
-    and the sources it came from) and this package's code."""
-    digest = hashlib.sha256(json.dumps(flatten(c), sort_keys=True).encode())
-    for path in (buffer.directory / META, *sorted(Path(__file__).parent.glob("*.py"))):
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
 
 
 def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, lr: float, l1_coef: float,
@@ -110,7 +100,8 @@ def run_train(params: Params) -> None:
     batches_per_epoch = -(-buffer.rows // c.batch_size)
     state = {"step": 0, "epoch": 0, "history": [], "run_id": None}
 
-    fp = fingerprint(c, buffer)
+    # meta.json holds the buffer data's sha256 and the sources it came from
+    fp = checkpoint.fingerprint(c, [buffer.directory / META], Path(__file__).parent)
     saved = checkpoint.resume(CHECKPOINTS, fp)
     if saved is not None:
         model.load_state_dict(saved["model"])
@@ -213,24 +204,9 @@ def write_outputs(model: Crosscoder, buffer: ActivationBuffer, history: list[dic
     plot_training(frame, OUT_DIR / "plots" / "training.png")
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
 def plot_training(history: pd.DataFrame, path: Path) -> None:
     """Explained variance (a, b, mean) and dead latents (%) against the step."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (ev, dead) = plt.subplots(1, 2, figsize=(10, 4))
     for column, label in (("mean_explained_variance", "mean"), ("mean_explained_variance_a", "source a"),
                           ("mean_explained_variance_b", "source b")):
@@ -240,8 +216,7 @@ def plot_training(history: pd.DataFrame, path: Path) -> None:
     ev.legend()
     dead.plot(history.step, 100 * history.pct_dead_neurons)
     dead.set(xlabel="step", ylabel="dead latents (%)", title="Dead latents")
-    _save(figure, path)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # ----------------------------------------------------------------------------- the dec_init_norm sweep
@@ -283,7 +258,7 @@ def plot_sweep(tracking_uri: str, out_path: str | Path) -> pd.DataFrame:
     runs of the crosscoders experiment; writes the plot and its table (a CSV beside it). Returns the table."""
     out_path = Path(out_path)
     table = sweep_table(tracking_uri)
-    plt = _pyplot()
+    plt = pyplot()
     figure, (dead, ev) = plt.subplots(1, 2, figsize=(10, 4))
     dead.plot(table.dec_init_norm, 100 * table.pct_dead_neurons, marker="o")
     dead.set(xscale="log", xlabel="dec_init_norm", ylabel="dead latents at the end (%)", title="Dead latents")
@@ -292,8 +267,7 @@ def plot_sweep(tracking_uri: str, out_path: str | Path) -> pd.DataFrame:
         ev.plot(table.dec_init_norm, table[column], marker="o", label=label)
     ev.set(xscale="log", xlabel="dec_init_norm", ylabel="explained variance", title="Reconstruction")
     ev.legend()
-    _save(figure, out_path)
-    plt.close(figure)
+    save_figure(figure, out_path)
     with atomic_path(out_path.with_suffix(".csv")) as tmp:
         table.to_csv(tmp, index=False)
     return table

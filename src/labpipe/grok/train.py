@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from tqdm import tqdm
 from labpipe import checkpoint
 from labpipe.config import GrokParams, Params, flatten
 from labpipe.device import resolve_device
-from labpipe.files import atomic_path, sha256_file, write_json
+from labpipe.files import atomic_path, write_json
 from labpipe.grok.models import build_model, log2_loss
 from labpipe.mheight.data import LINE, TRAIN, VAL, read_dataset
 
@@ -149,15 +147,6 @@ def evaluate(model: torch.nn.Module, split: Split, n_groups: int, device: torch.
 # ----------------------------------------------------------------------------- training
 
 
-def fingerprint(params: GrokParams) -> str:
-    """What a checkpoint must match to be resumed: the params, the exact data and this package's code
-    (what the DVC stage depends on, so a checkpoint is resumed exactly when DVC would rerun the stage)."""
-    digest = hashlib.sha256(json.dumps(flatten(params), sort_keys=True).encode())
-    for path in (TRAIN, VAL, *sorted(Path(__file__).parent.glob("*.py"))):
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
 def group_name(group: tuple[int, int, int]) -> str:
     n, k, m = group
     return f"n{n}_k{k}_m{m}"
@@ -182,7 +171,7 @@ def run_train(params: Params) -> None:
     state = {"epoch": 0, "train_history": [], "val_history": [], "best": None, "run_id": None, "spikes": [],
              "spike_detector": SpikeDetector(g.spike_factor, g.spike_window)}
 
-    fp = fingerprint(g)
+    fp = checkpoint.fingerprint(g, [TRAIN, VAL], Path(__file__).parent)
     saved = checkpoint.resume(CHECKPOINTS, fp)
     if saved is not None:
         model.load_state_dict(saved["model"])

@@ -33,6 +33,7 @@ from labpipe.hmm.forward_backward import next_token_log_probs
 from labpipe.hmm.model import HMM
 from labpipe.hmm.train import OUT_DIR as TRAIN_DIR
 from labpipe.hmm.train import read_sequences
+from labpipe.plotting import pyplot, save_figure
 from labpipe.text.stages import LINE
 
 OUT_DIR = Path("artifacts/hmm/eval")
@@ -181,17 +182,9 @@ def run_eval(params: Params) -> None:
 
 
 def plot_position_ce(table: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = pyplot().subplots(figsize=(6, 4))
     for name in STRATEGIES:
         axis.plot(table.position, table[name], label=name, linewidth=2 if name == "hmm" else 1)
     axis.set(xlabel="position in the sequence", ylabel="cross-entropy (nats)", title=f"Next-token CE, {title}")
     axis.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path)

@@ -11,7 +11,6 @@ and ends where an uninterrupted run would: the batch order of epoch e is seeded 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import resource
 import time
@@ -25,10 +24,11 @@ from tqdm import tqdm
 from labpipe import checkpoint
 from labpipe.config import HMMParams, Params, flatten
 from labpipe.device import resolve_device
-from labpipe.files import atomic_path, sha256_file, write_json
+from labpipe.files import atomic_path, write_json
 from labpipe.hmm.em import BACKENDS, em_epoch, estimate_memory_bytes, pad_batches
 from labpipe.hmm.forward_backward import log_likelihood
 from labpipe.hmm.model import HMM
+from labpipe.plotting import pyplot, save_figure
 from labpipe.text.stages import LINE, token_dir
 from labpipe.text.token_file import read_token_file
 
@@ -96,15 +96,6 @@ def check_memory(h: HMMParams, max_length: int) -> int:
     return needed
 
 
-def fingerprint(h: HMMParams) -> str:
-    """What a checkpoint must match to be resumed: the params, the token files and this package's code."""
-    digest = hashlib.sha256(json.dumps(flatten(h), sort_keys=True).encode())
-    for path in (token_file("train", h.vocab_size), token_file("test", h.vocab_size),
-                 *sorted(Path(__file__).parent.glob("*.py"))):
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
 def heldout_log_likelihood(hmm: HMM, sequences: list[np.ndarray], batch_size: int, device: torch.device) -> float:
     """Sum of log p(x) over the sequences (ends included)."""
     hmm = hmm.to(device=device)
@@ -131,7 +122,8 @@ def run_train(params: Params) -> None:
 
     backend = BACKENDS[h.backend](HMM.random(h.hidden_states, h.vocab_size, seed=h.seed), device)
     state = {"epoch": 0, "history": [], "best": None, "run_id": None}
-    fp = fingerprint(h)
+    fp = checkpoint.fingerprint(h, [token_file("train", h.vocab_size), token_file("test", h.vocab_size)],
+                                Path(__file__).parent)
     saved = checkpoint.resume(CHECKPOINTS, fp)
     if saved is not None:
         backend = BACKENDS[h.backend](HMM.from_state_dict(saved["hmm"]), device)
@@ -190,11 +182,6 @@ def run_train(params: Params) -> None:
 
 
 def write_outputs(state: dict, h: HMMParams) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     best, history = state["best"], pd.DataFrame(state["history"])
     vocab = json.loads((token_dir("train", h.vocab_size) / "vocab.json").read_text())
     with atomic_path(OUT_DIR / "model.pt") as tmp:
@@ -211,13 +198,10 @@ def write_outputs(state: dict, h: HMMParams) -> None:
     with atomic_path(OUT_DIR / "history.csv") as tmp:
         history.to_csv(tmp, index=False)
 
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = pyplot().subplots(figsize=(6, 4))
     axis.plot(history.epoch, history.train_ll_per_token, marker="o", label="train (during the epoch)")
     axis.plot(history.epoch, history.heldout_ll_per_token, marker="o", label="held out (after the epoch)")
     axis.set(xlabel="epoch", ylabel="log-likelihood per token",
              title=f"HMM H={h.hidden_states}, K={h.vocab_size} ({h.backend})")
     axis.legend()
-    (OUT_DIR / "plots").mkdir(parents=True, exist_ok=True)
-    with atomic_path(OUT_DIR / "plots" / "likelihood.png") as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, OUT_DIR / "plots" / "likelihood.png")

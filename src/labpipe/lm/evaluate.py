@@ -35,6 +35,7 @@ from labpipe.hmm.forward_backward import next_token_log_probs
 from labpipe.hmm.model import HMM
 from labpipe.lm.data import ShardDataset
 from labpipe.lm.train import MODEL_DIR, open_data, shards_of_rows, validation_rows, verify_shards
+from labpipe.plotting import pyplot, save_figure
 from labpipe.synth.manifest import Manifest, Shard, permuted_hmm
 from labpipe.text.stages import LINE
 
@@ -163,18 +164,10 @@ def run_eval(params: Params) -> None:
 
 
 def plot_curve(curve: pd.DataFrame, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure, axis = pyplot().subplots(figsize=(6, 4))
     for name in CURVES:
         axis.plot(curve.position, curve[name], label=name, linewidth=2 if name in ("lm", "bayes") else 1)
     axis.set(xlabel="position t (tokens of context)", ylabel="cross-entropy of x_t (nats)",
              title=f"In-context learning curve, {title}")
     axis.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path)

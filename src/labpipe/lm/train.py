@@ -29,8 +29,6 @@ epoch e is seeded with seed + e, and the learning rate is a function of the step
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import re
 import shutil
@@ -42,9 +40,10 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from labpipe import checkpoint
 from labpipe.config import LMParams, Params, flatten
 from labpipe.device import resolve_device
-from labpipe.files import atomic_dir, atomic_path, sha256_file, write_json
+from labpipe.files import atomic_dir, atomic_path, write_json
 from labpipe.lm.data import ShardDataset, shards_read, training_batches
 from labpipe.synth.manifest import MANIFEST, Manifest, load_manifest
 from labpipe.text.stages import LINE
@@ -218,15 +217,6 @@ def resume(fingerprint: str) -> tuple[Path, dict] | None:
     return None
 
 
-def fingerprint(lm: LMParams, manifest: Manifest) -> str:
-    """What a checkpoint must match to be resumed: the lm params, the manifest (which holds every shard's
-    sha256) and this package's code."""
-    digest = hashlib.sha256(json.dumps(flatten(lm), sort_keys=True).encode())
-    for path in (manifest.path, *sorted(Path(__file__).parent.glob("*.py"))):
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
-
-
 def rng_states(device: torch.device) -> dict:
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}
 
@@ -251,7 +241,8 @@ def run_train(params: Params) -> None:
     verify_shards(val, shards_of_rows(val, eval_rows))
     verify_shards(train, shards_read(train, lm.batch_size, lm.seed, lm.max_steps))
 
-    fp = fingerprint(lm, manifest)
+    # the manifest holds every shard's sha256
+    fp = checkpoint.fingerprint(lm, [manifest.path], Path(__file__).parent)
     saved = resume(fp)
     if saved is None:
         torch.manual_seed(lm.seed)
