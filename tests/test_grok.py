@@ -15,10 +15,13 @@ from mlflow import MlflowClient
 
 from conftest import write_params
 from labpipe import checkpoint
+from labpipe.checkpoint import Checkpoints
 from labpipe.config import load_params
 from labpipe.grok.models import ResNetMLP, SparseMoE, log2_loss, log2_prediction
 from labpipe.grok.train import SpikeDetector, encode, evaluate, make_layout, weight_norms
 from labpipe.mheight.data import TRAIN, VAL, write_dataset
+
+OUT_DIR = Path("artifacts/grok")
 
 
 def test_prediction_is_bounded_below_by_one_and_loss_is_squared_log2_error():
@@ -132,7 +135,7 @@ def _grok_project(directory: Path, repo_params: dict, **grok) -> None:
 
 @pytest.mark.parametrize("model", ["resnet", "moe"])
 def test_training_run_writes_outputs_logs_metrics_and_registers_a_champion(project, model):
-    from labpipe.grok.train import OUT_DIR, REGISTERED_MODEL, run_train
+    from labpipe.grok.train import run_train
 
     directory, repo_params = project
     _grok_project(directory, repo_params, model=model)
@@ -147,11 +150,11 @@ def test_training_run_writes_outputs_logs_metrics_and_registers_a_champion(proje
     assert train_history.train_loss.iloc[-1] < train_history.train_loss.iloc[0]  # it learns
     assert set(metrics["val_loss_per_group"]) == {"n9_k4_m2", "n9_k5_m3", "n10_k5_m4"}
     assert (OUT_DIR / "plots" / "loss.png").stat().st_size > 0 and (OUT_DIR / "plots" / "norms.png").exists()
-    assert [p.name for p in checkpoint.list_checkpoints(OUT_DIR / "checkpoints")] == [
+    assert [p.name for p in Checkpoints(OUT_DIR / "checkpoints", "epoch").all()] == [
         "epoch_00000004.pt", "epoch_00000008.pt", "epoch_00000012.pt"]
 
     client = MlflowClient()
-    champion = client.get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    champion = client.get_model_version_by_alias("mheight-regressor", "champion")
     run = client.get_run(champion.run_id)
     assert run.data.params["grok.weight_decay"] == "0.01" and run.data.tags["labpipe.stage"] == "grok_train"
     assert run.data.metrics["excluded_infinite_train"] == 6  # 2 per group, left out and counted
@@ -221,7 +224,7 @@ def test_checkpoints_of_other_params_are_not_resumed(project, capsys):
 @pytest.mark.gpu
 def test_the_device_resident_gpu_path_matches_the_cpu_path(project):
     """Same seed, same data: CUDA and CPU training end at nearly the same loss (not bit-equal: other kernels)."""
-    from labpipe.grok.train import OUT_DIR, run_train
+    from labpipe.grok.train import run_train
 
     directory, repo_params = project
     _grok_project(directory, repo_params, epochs=6, val_every=3)

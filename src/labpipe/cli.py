@@ -10,25 +10,13 @@ import importlib
 import json
 import sys
 
-from labpipe.config import ConfigError, Params, apply_override, build, flatten, load_params, parse_yaml
+from labpipe import registry
+from labpipe.config import Params, apply_override, build, flatten, load_params, parse_yaml
+from labpipe.errors import UserError
 
-# verb -> (module:function, what it does); modules are imported only when their verb runs.
-STAGES = {
-    "corpus": ("labpipe.text.stages:run_corpus", "stories of the train and test splits as text (stage corpus)"),
-    "tokenize": ("labpipe.text.stages:run_tokenize", "word-level top-K token files (stage tokenize)"),
-    "hmm-train": ("labpipe.hmm.train:run_train", "fit an HMM by minibatch EM (stage hmm_train)"),
-    "hmm-eval": ("labpipe.hmm.evaluate:run_eval", "final-token CE and KL vs uniform/unigram/bigram (stage hmm_eval)"),
-    "synth": ("labpipe.synth.generate:run_synth", "sample sharded synthetic token datasets from the HMM (stage synth)"),
-    "synth-verify": ("labpipe.synth.generate:run_verify", "check every shard of the manifest against its sha256"),
-    "lm-train": ("labpipe.lm.train:run_train", "train a Llama LM on the synthetic shards (stage lm_train)"),
-    "lm-eval": ("labpipe.lm.evaluate:run_eval", "in-context learning curve: LM vs HMM Bayes loss (stage lm_eval)"),
-    "dormancy": ("labpipe.dormancy.analysis:run_dormancy", "dormant neurons across checkpoints, appended to a CSV"),
-    "activations": ("labpipe.crosscoder.buffer:run_activations", "harvest two sources' activations into a buffer"),
-    "crosscoder-train": ("labpipe.crosscoder.train:run_train", "train a sparse crosscoder (stage crosscoder_train)"),
-    "mheight-data": ("labpipe.mheight.data:run_data", "exact m-heights per (n,k,m) group (stage mheight_data)"),
-    "mheight-subsample": ("labpipe.mheight.data:run_subsample", "balanced train/val subsamples per group"),
-    "grok-train": ("labpipe.grok.train:run_train", "train the m-height regressor with AdamW (stage grok_train)"),
-}
+# verb -> (module:function, what it does), from the registry of research lines; imported only when it runs.
+STAGES = {stage.verb: (stage.entry, stage.help) for stage in registry.STAGES.values()}
+STAGES["synth-verify"] = ("labpipe.synth.generate:run_verify", "check every shard of the manifest against its sha256")
 
 # verb -> (module:function, what it does): tools with their own flags; the function takes argv, returns the exit code.
 TOOLS = {
@@ -38,6 +26,7 @@ TOOLS = {
     "doctor": ("labpipe.doctor:main", "check torch/CUDA, MLflow, DVC and disk; non-zero when a requirement fails"),
     "jobs": ("labpipe.cluster.jobs:main", "submit, list, show, modify and cancel jobs (local DVC queue or Slurm)"),
     "accelerators": ("labpipe.cluster.accelerators:main", "GPUs here, or per node of the Slurm cluster"),
+    "checkpoints": ("labpipe.checkpoint:main", "each training stage's checkpoints; --prune deletes those moved aside"),
 }
 
 
@@ -72,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module, function = STAGES[args.verb][0].split(":")
         getattr(importlib.import_module(module), function)(params)
-    except (ConfigError, ValueError) as error:
+    except UserError as error:  # the user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"labpipe {args.verb}: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:  # e.g. a device that is not there
-        print(f"labpipe {args.verb}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except OSError as error:
+        if error.filename is None:
+            raise
+        print(f"labpipe {args.verb}: error: {error.filename}: {error.strerror}", file=sys.stderr)
         return 1
     return 0
 
@@ -123,11 +114,11 @@ def _dormancy_overrides(args: argparse.Namespace) -> list[str]:
 def profile_flags(params_path: str, profile_path: str) -> list[str]:
     """`-S key=value` for every key of the profile, each checked against the schema and params.yaml."""
     with open(profile_path) as f:
-        profile = parse_yaml(f.read()) or {}
+        profile = parse_yaml(f.read(), where=profile_path) or {}
     # Compact JSON (valid YAML, no spaces): the flags survive the shell's word splitting in `$(...)`.
     overrides = [f"{key}={json.dumps(value, separators=(',', ':'))}" for key, value in _leaves(profile)]
     with open(params_path) as f:
-        raw = parse_yaml(f.read())
+        raw = parse_yaml(f.read(), where=params_path)
     for override in overrides:
         apply_override(raw, override)
     build(Params, raw, where=f"{params_path} + {profile_path}")

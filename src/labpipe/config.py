@@ -8,17 +8,47 @@ key the dataclasses do not know. `--set section.key=value` overrides go through 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
+from labpipe.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A params file or override that does not match the schema."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """Declared range of a numeric param: low <= value <= high (strict where `*_open`). Every float param must
+    also be finite: NaN and inf are never a setting."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, value: float) -> str | None:
+        """None when `value` is in range, else what it must be."""
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return None
+
+
+# The bounds most knobs need, by meaning.
+Count = Annotated[int, Bound(1)]  # sizes, steps, batch sizes, intervals: at least 1
+Natural = Annotated[int, Bound(0)]  # 0 allowed (0 = off / all / keep every one, as the key's comment says)
+Positive = Annotated[float, Bound(0, low_open=True)]  # learning rates, budgets, scales
+NonNegative = Annotated[float, Bound(0)]  # coefficients that may be switched off
+Fraction = Annotated[float, Bound(0, 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,40 +59,55 @@ class TrackingParams:
 
 @dataclasses.dataclass(frozen=True)
 class MHeightParams:
-    seed: int
-    n: tuple[int, ...]  # code lengths; groups are all (n, k, m) with k in `k`, m_min <= m <= n - k
-    k: tuple[int, ...]
-    m_min: int
-    samples_per_group: int  # codes generated per (n, k, m) group
-    p_max: float  # entries of P are uniform in [-p_max, p_max]
+    seed: Natural
+    n: tuple[Annotated[int, Bound(2)], ...]  # code lengths; groups are all (n, k, m) with k in `k`, m_min <= m <= n - k
+    k: tuple[Count, ...]
+    m_min: Count
+    samples_per_group: Count  # codes generated per (n, k, m) group
+    p_max: Positive  # entries of P are uniform in [-p_max, p_max]
     integer_entries: bool  # integers (the course's data) or reals
     source: Literal["auto", "generate", "pickles"]  # auto: the course's pickles when import_dir has any
     import_dir: str
-    workers: int  # processes for exact heights
+    workers: Count  # processes for exact heights (on the CPU; a GPU computes in the main process)
     device: str  # auto | cpu | cuda
-    train_per_group: int  # balanced subsample sizes
-    val_per_group: int
+    train_per_group: Count  # balanced subsample sizes
+    val_per_group: Count
+
+    def __post_init__(self):
+        if any(k >= n for n in self.n for k in self.k):
+            raise ConfigError(f"mheight.k must be smaller than every mheight.n; got n={list(self.n)}, k={list(self.k)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class GrokParams:
-    seed: int
+    seed: Natural
     model: Literal["resnet", "moe"]
-    width: int
-    blocks: int  # residual blocks per ResNet (per expert for the MoE)
-    experts: int
-    top_k: int
-    balance_coef: float  # weight of the MoE load-balancing loss
-    lr: float
-    weight_decay: float
-    batch_size: int
-    epochs: int
-    val_every: int
-    checkpoint_every: int
-    keep_checkpoints: int
-    spike_factor: float  # a train-loss spike (Slingshot): loss > spike_factor * min of the last spike_window
-    spike_window: int
+    width: Count
+    blocks: Count  # residual blocks per ResNet (per expert for the MoE)
+    experts: Count
+    top_k: Count
+    balance_coef: NonNegative  # weight of the MoE load-balancing loss
+    lr: Positive
+    weight_decay: NonNegative
+    batch_size: Count
+    epochs: Count  # run length: raising it extends a finished run (not part of the resume fingerprint)
+    val_every: Count
+    checkpoint_every: Count
+    keep_checkpoints: Natural
+    spike_factor: Annotated[float, Bound(1, low_open=True)]  # a train-loss spike (Slingshot): loss > spike_factor *
+    spike_window: Count  # the min of the last spike_window epochs
+    init_from: str  # "" | a checkpoint or model.pt | models:/mheight-regressor@champion: fine-tune from those weights
+    init_experts_from: tuple[str, ...]  # moe: one ResNet (file or models:/ URI) per expert, [] = random experts
     device: str
+
+    def __post_init__(self):
+        if self.model == "moe" and self.top_k > self.experts:
+            raise ConfigError(f"grok.top_k={self.top_k} must be at most grok.experts={self.experts}")
+        if self.init_experts_from and (self.model != "moe" or len(self.init_experts_from) != self.experts):
+            raise ConfigError(f"grok.init_experts_from lists {len(self.init_experts_from)} models: it needs "
+                              f"grok.model=moe and one model per expert (grok.experts={self.experts})")
+        if self.init_experts_from and self.init_from:
+            raise ConfigError("grok.init_from and grok.init_experts_from are exclusive: set one of them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,82 +117,94 @@ class TextParams:
     test_split: str
     cache_dir: str  # Hugging Face datasets cache; "" for its default
     text_field: str
-    stories: int  # source=generate: train stories (the test split gets a fifth as many, another seed)
-    limit: int  # a dataset source: stories read per split, 0 for all
-    seed: int
-    vocab_sizes: tuple[int, ...]  # one token file per top-K vocabulary (seed: 100..500)
+    stories: Count  # source=generate: train stories (the test split gets a fifth as many, another seed)
+    limit: Natural  # a dataset source: stories read per split, 0 for all
+    seed: Natural
+    vocab_sizes: tuple[Annotated[int, Bound(2)], ...]  # one token file per top-K vocabulary (seed: 100..500)
 
 
 @dataclasses.dataclass(frozen=True)
 class HMMParams:
     backend: Literal["torch", "pomegranate"]
-    vocab_size: int  # which token file (one of text.vocab_sizes) the HMM is fitted on
-    hidden_states: int
-    seq_length: int  # 0: one sentence per sequence (a line of the token file); L > 0: the file's tokens cut
-    #                  into rows of L, sentences running on (the seed's seq_length, 100..600)
-    epochs: int
-    batch_size: int
-    update_freq: int  # M-step every update_freq minibatches (and at the end of each epoch)
-    eps: float  # probability floor: a symbol absent from a batch never gets probability 0
-    seed: int
+    vocab_size: Annotated[int, Bound(2)]  # which token file (one of text.vocab_sizes) the HMM is fitted on
+    hidden_states: Count
+    seq_length: Natural  # 0: one sentence per sequence (a line of the token file); L > 0: the file's tokens cut
+    #                      into rows of L, sentences running on (the seed's seq_length, 100..600)
+    epochs: Count  # run length: raising it extends a finished run
+    batch_size: Count
+    update_freq: Count  # M-step every update_freq minibatches (and at the end of each epoch)
+    eps: Annotated[float, Bound(0, 0.01)]  # probability floor: a symbol absent from a batch never gets probability 0
+    seed: Natural
+    init_from: str  # "" | an hmm model.pt or checkpoint | models:/hmm-K100@champion: EM starts from that HMM
     device: str
-    checkpoint_every: int
-    keep_checkpoints: int
-    memory_budget_gb: float  # refuse to start when the E-step's estimated peak memory exceeds it
+    checkpoint_every: Count
+    keep_checkpoints: Natural
+    memory_budget_gb: Positive  # refuse to start when the E-step's estimated peak memory exceeds it
 
 
 @dataclasses.dataclass(frozen=True)
 class SynthParams:
     hmm_checkpoint: str  # an hmm_train model.pt ("hmm": HMM.state_dict()); sampled without its ends
     start: Literal["initial", "stationary"]  # first state: the HMM's start, or the transition's stationary law
-    seq_length: int  # tokens per sequence
-    sequences_per_shard: int  # a shard holds sequences_per_shard * seq_length tokens
-    train_shards: int
-    val_shards: int  # held-out shards for lm_train's validation and lm_eval, generated the same way
-    block_sequences: int  # sequences sampled together (vectorized) and sharing one emission permutation
+    seq_length: Count  # tokens per sequence
+    sequences_per_shard: Count  # a shard holds sequences_per_shard * seq_length tokens
+    train_shards: Count
+    val_shards: Count  # held-out shards for lm_train's validation and lm_eval, generated the same way
+    block_sequences: Count  # sequences sampled together (vectorized) and sharing one emission permutation
     permute_emissions: bool  # a fresh random permutation of the emission symbols per block (seed: per batch)
-    seed: int
-    workers: int  # processes; each shard has its own seed
+    seed: Natural
+    workers: Count  # processes; each shard has its own seed
     out_dir: str  # where shards go (may be outside the repo); the DVC output is the manifest
 
 
 @dataclasses.dataclass(frozen=True)
 class LMParams:
-    hidden_size: int  # LlamaConfig (the seed: d = 768, ~100M parameters)
-    layers: int
-    heads: int
-    intermediate_size: int
-    context_length: int  # max_position_embeddings: synth.seq_length must fit
-    vocab_size: int  # 0: the synthetic data's vocabulary; else at least it
-    batch_size: int  # sequences per step
-    lr: float
-    weight_decay: float
-    warmup_steps: int
-    max_steps: int  # cosine decay to lr * min_lr_ratio at max_steps
-    min_lr_ratio: float
-    grad_clip: float
-    eval_every: int
-    eval_sequences: int  # validation sequences per evaluation
-    checkpoint_every: int  # steps; HF save_pretrained directories, the input of dormancy and crosscoder
-    keep_checkpoints: int  # 0 keeps all (dormancy wants the whole trajectory)
-    num_workers: int  # DataLoader workers reading the memmapped shards
+    hidden_size: Count  # LlamaConfig (the seed: d = 768, ~100M parameters)
+    layers: Count
+    heads: Count
+    intermediate_size: Count
+    context_length: Count  # max_position_embeddings: synth.seq_length must fit
+    vocab_size: Natural  # 0: the synthetic data's vocabulary; else at least it
+    batch_size: Count  # sequences per step
+    lr: Positive
+    adam_beta1: Annotated[float, Bound(0, 1, high_open=True)]
+    adam_beta2: Annotated[float, Bound(0, 1, high_open=True)]  # Llama's 0.95: forgets fast enough for a short warmup
+    weight_decay: NonNegative
+    warmup_steps: Natural
+    decay_steps: Count  # the cosine reaches lr * min_lr_ratio at this step and stays there: the schedule's length
+    max_steps: Count  # run length: raising it extends a finished run (past decay_steps at the minimum lr)
+    min_lr_ratio: Fraction
+    grad_clip: Positive
+    log_every: Count  # steps per MLflow point (means over the window)
+    eval_every: Count
+    eval_sequences: Count  # validation sequences per evaluation
+    checkpoint_every: Count  # steps; HF save_pretrained directories, the input of dormancy and crosscoder
+    keep_checkpoints: Natural  # 0 keeps all (dormancy wants the whole trajectory)
+    num_workers: Natural  # DataLoader workers reading the memmapped shards
     compile: bool  # torch.compile the model
-    seed: int
+    seed: Natural
+    init_from: str  # "" | a save_pretrained directory (a step_* checkpoint, artifacts/lm/model) | models:/...
     device: str
+
+    def __post_init__(self):
+        if self.hidden_size % self.heads:
+            raise ConfigError(f"lm.hidden_size={self.hidden_size} is not a multiple of lm.heads={self.heads}")
+        if self.warmup_steps > self.decay_steps:
+            raise ConfigError(f"lm.warmup_steps={self.warmup_steps} must be at most lm.decay_steps={self.decay_steps}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DormancyParams:
     model: str  # a Hugging Face causal LM name or a local directory (lm_train's checkpoints: one step_* per revision)
     revisions: tuple[str, ...]  # hub revisions (step1000...) or step_* directories; empty: every step_* under model
-    max_revisions: int  # 0: all; N: the first N (--quick: 2)
+    max_revisions: Natural  # 0: all; N: the first N (--quick: 2)
     text_source: str  # "synth" (the synthetic val shards, token ids), a Hugging Face dataset name, or a local path
     text_split: str
     text_field: str
-    samples: int  # sequences per revision (the seed: 500; --quick: 100)
-    max_length: int  # tokens per sample (truncation)
-    batch_size: int
-    thresholds: tuple[float, ...]  # dormant iff score <= tau; all in one pass (the seed: 0, 0.025, 0.1)
+    samples: Count  # sequences per revision (the seed: 500; --quick: 100)
+    max_length: Count  # tokens per sample (truncation)
+    batch_size: Count
+    thresholds: tuple[NonNegative, ...]  # dormant iff score <= tau; all in one pass (the seed: 0, 0.025, 0.1)
     device: str
     output_csv: str  # appended: a restarted run skips the revisions already complete
 
@@ -156,44 +213,44 @@ class DormancyParams:
 class CrosscoderParams:
     source_a: str  # a causal LM (local directory, e.g. an lm_train checkpoint, or a Hugging Face name)
     source_b: str
-    layer_a: int  # residual stream after this decoder layer
-    layer_b: int
+    layer_a: Natural  # residual stream after this decoder layer
+    layer_b: Natural
     text_source: str  # "synth" (the synthetic train shards), a Hugging Face dataset name, or a local path
-    buffer_tokens: int  # activation rows harvested once into the on-disk buffer
+    text_split: str  # a text source's split and field
+    text_field: str
+    text_context: Count  # tokens per sequence from a text source (fewer if the models' context is shorter)
+    buffer_tokens: Count  # activation rows harvested once into the on-disk buffer
     buffer_dtype: Literal["float16", "bfloat16"]
     buffer_dir: str
-    dict_size: int  # F latents
-    l1_coef: float  # lambda of the sparsity penalty
-    l1_warmup_steps: int  # lambda ramps linearly from 0
+    dict_size: Count  # F latents
+    l1_coef: NonNegative  # lambda of the sparsity penalty
+    l1_warmup_steps: Natural  # lambda ramps linearly from 0
     decoder_norm_in_penalty: bool  # lambda sum_i f_i sum_s |W_dec,i^s| (true) or lambda sum_i f_i (false)
     init: Literal["kaiming", "normal"]
     transpose_init: bool  # W_enc = W_dec^T at init
-    dec_init_norm: float  # decoder rows normalized to this norm at init; 0 leaves them as drawn
-    lr: float
-    lr_warmup_steps: int
-    lr_decay_start: float  # fraction of steps after which lr decays linearly to 0
-    steps: int
-    batch_size: int  # activation rows per step
-    grad_clip: float
-    log_every: int
-    dead_window: int  # tokens: a latent not active in the last dead_window tokens is dead
-    checkpoint_every: int
-    num_workers: int  # DataLoader workers over the buffer
-    seed: int
+    dec_init_norm: NonNegative  # decoder rows normalized to this norm at init; 0 leaves them as drawn
+    lr: Positive
+    lr_warmup_steps: Natural
+    lr_decay_start: Fraction  # fraction of steps after which lr decays linearly to 0 (at `steps`)
+    steps: Count  # the schedule's length too: a finished run cannot be extended
+    batch_size: Count  # activation rows per step
+    grad_clip: NonNegative  # 0: not clipped
+    log_every: Count
+    dead_window: Count  # tokens: a latent not active in the last dead_window tokens is dead
+    eval_rows: Count  # final metrics over up to this many rows spread evenly through the buffer
+    champion_l0_min: NonNegative  # champion candidates: final L0 (mean active latents per token) within [min, max]
+    champion_l0_max: NonNegative
+    checkpoint_every: Count
+    keep_checkpoints: Count  # resume needs the newest; one more in case the disk lost the newest's last write
+    num_workers: Natural  # DataLoader workers over the buffer
+    seed: Natural
+    init_from: str  # "" | a crosscoder model.pt or checkpoint | models:/crosscoder@champion (same d_a, d_b, F)
     device: str
 
-
-@dataclasses.dataclass(frozen=True)
-class Params:
-    tracking: TrackingParams
-    mheight: MHeightParams
-    grok: GrokParams
-    text: TextParams
-    hmm: HMMParams
-    synth: SynthParams
-    lm: LMParams
-    dormancy: DormancyParams
-    crosscoder: CrosscoderParams
+    def __post_init__(self):
+        if self.champion_l0_min > self.champion_l0_max:
+            raise ConfigError(f"crosscoder.champion_l0_min={self.champion_l0_min} is above "
+                              f"crosscoder.champion_l0_max={self.champion_l0_max}")
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -209,8 +266,15 @@ _Yaml12Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Yaml12Loader)
+def parse_yaml(text: str, where: str = "") -> Any:
+    """YAML 1.2 as DVC reads it; a syntax error is a ConfigError naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_Yaml12Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where or 'YAML'}: invalid YAML{at}: {problem}") from None
 
 
 def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
@@ -218,7 +282,7 @@ def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
-    raw = parse_yaml(path.read_text()) or {}
+    raw = parse_yaml(path.read_text(), where=str(path)) or {}
     for override in overrides:
         apply_override(raw, override)
     return build(Params, raw, where=str(path))
@@ -244,7 +308,7 @@ def apply_override(raw: dict, override: str) -> None:
             node = node.setdefault(part, {})
     if dataclasses.is_dataclass(cls):
         raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys")
-    node[parts[-1]] = parse_yaml(value) if value != "" else ""
+    node[parts[-1]] = parse_yaml(value, where=f"--set {key}") if value != "" else ""
 
 
 def build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
@@ -273,11 +337,24 @@ def build(cls: type, data: Any, where: str, prefix: str = "") -> Any:
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _coerce(tp: Any, value: Any, key: str, where: str) -> Any:
+    bounds = ()
+    if typing.get_origin(tp) is Annotated:
+        tp, *bounds = typing.get_args(tp)
+    value = _coerce_type(tp, value, key, where)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {key} must be a finite number, got {value!r}")
+    for bound in bounds:
+        if (needed := bound.check(value)) is not None:
+            raise ConfigError(f"{where}: {key} must be {needed}, got {value!r}")
+    return value
+
+
+def _coerce_type(tp: Any, value: Any, key: str, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
@@ -313,3 +390,21 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _compose_params() -> type:
+    """Params: `tracking` and every section of every research line of the registry, in its order."""
+    from labpipe import registry
+
+    sections = [("tracking", TrackingParams)]
+    for line in registry.LINES:
+        for name, target in line.sections.items():
+            module, _, attribute = target.partition(":")
+            cls = globals()[attribute] if module == __name__ else registry.resolve(target)
+            sections.append((name, cls))
+    params = dataclasses.make_dataclass("Params", sections, frozen=True)
+    params.__module__ = __name__  # get_type_hints resolves the sections here
+    return params
+
+
+Params = _compose_params()

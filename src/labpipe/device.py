@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from labpipe.errors import UserError
 
-class DeviceError(RuntimeError):
-    pass
+
+class DeviceError(UserError, RuntimeError):
+    exit_code = 1
 
 
 def resolve_device(name: str) -> torch.device:

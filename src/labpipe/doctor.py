@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from labpipe.config import ConfigError, load_params, parse_yaml
+from labpipe.errors import InputError
 
 # The index of the CUDA build that the Docker image installs: the hint given to whoever has a CPU-only torch.
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu130"
@@ -191,7 +192,7 @@ def stage_sections(stage: str, dvc_yaml: Path) -> set[str]:
             for entry in spec.get("params", []):  # "grok", "mheight.seed", or {params file: [keys]}
                 keys += [entry] if isinstance(entry, str) else [key for listed in entry.values() for key in listed]
             return {key.split(".")[0] for key in keys}
-    raise ValueError(f"unknown stage {stage!r}: {dvc_yaml} has {', '.join(stages) or 'no stages'}")
+    raise InputError(f"unknown stage {stage!r}: {dvc_yaml} has {', '.join(stages) or 'no stages'}")
 
 
 # ----------------------------------------------------------------------------- MLflow

@@ -68,6 +68,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_torch(obj: Any, path: str | Path) -> None:
+    """torch.save, atomically and byte-reproducibly: given a path, torch.save names the archive inside after
+    the (temp) file, so equal weights would hash differently; given an open file it always writes "archive"."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

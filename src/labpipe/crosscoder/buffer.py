@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from labpipe.config import CrosscoderParams, Params
 from labpipe.device import resolve_device
+from labpipe.errors import InputError
 from labpipe.files import atomic_dir, sha256_file, write_json
 
 FORMAT = 1
@@ -71,10 +72,10 @@ def write_buffer(directory: str | Path, chunks: Iterable[tuple[torch.Tensor, tor
         for a, b in chunks:
             block = torch.cat([a, b], dim=1).to(device="cpu", dtype=torch_dtype)
             if not torch.isfinite(block).all():
-                raise ValueError(f"activations are not finite in {dtype} (rows {filled}..{filled + len(block) - 1})"
+                raise InputError(f"activations are not finite in {dtype} (rows {filled}..{filled + len(block) - 1})"
                                  + (": they overflow float16, use buffer_dtype=bfloat16" if dtype == "float16" else ""))
             if filled + len(block) > rows:
-                raise ValueError(f"more than the {rows} rows announced")
+                raise InputError(f"more than the {rows} rows announced")
             stored = block.float()
             norm_sums += [float(stored[:, :d_a].norm(dim=1).double().sum()),
                           float(stored[:, d_a:].norm(dim=1).double().sum())]
@@ -83,7 +84,7 @@ def write_buffer(directory: str | Path, chunks: Iterable[tuple[torch.Tensor, tor
             digest.update(raw.tobytes())
             filled += len(raw)
         if filled != rows:
-            raise ValueError(f"the activations ended after {filled} of {rows} rows")
+            raise InputError(f"the activations ended after {filled} of {rows} rows")
         data.flush()
         del data
         mean_norms = norm_sums / rows
@@ -133,7 +134,7 @@ def synth_tokens(configs: Sequence) -> tuple[Iterator[np.ndarray], int, dict]:
     manifest = load_manifest()
     for config in configs:
         if manifest.vocab_size > config.vocab_size:
-            raise ValueError(f"the synthetic data has {manifest.vocab_size} symbols, a source has a vocabulary of "
+            raise InputError(f"the synthetic data has {manifest.vocab_size} symbols, a source has a vocabulary of "
                              f"{config.vocab_size}")
     shards = manifest.split("train")
     sequences = itertools.chain.from_iterable(manifest.open(shard) for shard in shards)
@@ -150,7 +151,7 @@ def text_tokens(c: CrosscoderParams, context: int) -> tuple[Iterator[np.ndarray]
 
     tokenizer = AutoTokenizer.from_pretrained(c.source_a)
     if AutoTokenizer.from_pretrained(c.source_b).get_vocab() != tokenizer.get_vocab():
-        raise ValueError("text_source needs one tokenizer: source_a and source_b tokenize differently")
+        raise InputError("text_source needs one tokenizer: source_a and source_b tokenize differently")
 
     def sequences() -> Iterator[np.ndarray]:
         pending: list[int] = []
@@ -177,7 +178,7 @@ def harvest(models: Sequence[torch.nn.Module], layers: Sequence[int], sequences:
         while done < tokens:
             batch = list(itertools.islice(sequences, per_forward))
             if not batch:
-                raise ValueError(f"the token source ran out after {done} tokens; buffer_tokens={tokens}")
+                raise InputError(f"the token source ran out after {done} tokens; buffer_tokens={tokens}")
             ids = torch.from_numpy(np.stack(batch).astype(np.int64)).to(device)
             a, b = (residual_stream(model, ids, layer).flatten(0, 1)[: tokens - done]
                     for model, layer in zip(models, layers, strict=True))
@@ -199,18 +200,18 @@ def run_activations(params: Params) -> None:
 
     c = params.crosscoder
     if c.buffer_tokens <= 0:
-        raise ValueError(f"crosscoder.buffer_tokens must be positive, got {c.buffer_tokens}")
+        raise InputError(f"crosscoder.buffer_tokens must be positive, got {c.buffer_tokens}")
     device = resolve_device(c.device)
     directory = Path(c.buffer_dir)
     names, layers = (c.source_a, c.source_b), (c.layer_a, c.layer_b)
     try:
         configs = [AutoConfig.from_pretrained(name) for name in names]
     except OSError as error:
-        raise ValueError(f"a source is neither a local save_pretrained directory nor a reachable hub model "
+        raise InputError(f"a source is neither a local save_pretrained directory nor a reachable hub model "
                          f"(run lm_train first?): {error}") from error
     for name, config, layer in zip(names, configs, layers, strict=True):
         if not 0 <= layer < config.num_hidden_layers:
-            raise ValueError(f"{name} has {config.num_hidden_layers} layers: layer {layer} does not exist")
+            raise InputError(f"{name} has {config.num_hidden_layers} layers: layer {layer} does not exist")
     if c.text_source == "synth":
         sequences, seq_length, tokens = synth_tokens(configs)
     else:
@@ -218,7 +219,7 @@ def run_activations(params: Params) -> None:
         sequences, seq_length, tokens = text_tokens(c, context)
     for name, config in zip(names, configs, strict=True):
         if seq_length > config.max_position_embeddings:
-            raise ValueError(f"sequences of {seq_length} tokens do not fit {name}'s context of "
+            raise InputError(f"sequences of {seq_length} tokens do not fit {name}'s context of "
                              f"{config.max_position_embeddings}")
     inputs = {"source_a": {"name": c.source_a, "layer": c.layer_a, "sha256": content_sha256(c.source_a)},
               "source_b": {"name": c.source_b, "layer": c.layer_b, "sha256": content_sha256(c.source_b)},
@@ -266,13 +267,13 @@ class ActivationBuffer:
         directory = Path(directory)
         meta = read_meta(directory)
         if meta is None:
-            raise ValueError(f"no activation buffer at {directory}: run the activations stage first")
+            raise InputError(f"no activation buffer at {directory}: run the activations stage first")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{directory}: buffer format {meta.get('format')!r}, this labpipe reads {FORMAT}")
+            raise InputError(f"{directory}: buffer format {meta.get('format')!r}, this labpipe reads {FORMAT}")
         buffer = cls(directory, meta["rows"], meta["d_a"], meta["d_b"], meta["dtype"], tuple(meta["scales"]), meta)
         expected = buffer.rows * buffer.width * STORAGE[buffer.dtype].itemsize
         if (directory / DATA).stat().st_size != expected:
-            raise ValueError(f"{directory / DATA} has {(directory / DATA).stat().st_size} bytes, {META} says "
+            raise InputError(f"{directory / DATA} has {(directory / DATA).stat().st_size} bytes, {META} says "
                              f"{expected}")
         return buffer
 

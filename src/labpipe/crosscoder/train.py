@@ -37,6 +37,7 @@ from labpipe.crosscoder.buffer import LINE, META, ActivationBuffer, BatchStream
 from labpipe.crosscoder.metrics import DeadLatents, batch_metrics
 from labpipe.crosscoder.model import Crosscoder, LossTerms
 from labpipe.device import resolve_device
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.plotting import pyplot, save_figure
 
@@ -63,11 +64,11 @@ def l1_coef_at(c: CrosscoderParams, t: int) -> float:
 def check_params(c: CrosscoderParams) -> None:
     for name in ("dict_size", "steps", "batch_size", "log_every", "checkpoint_every", "dead_window"):
         if getattr(c, name) <= 0:
-            raise ValueError(f"crosscoder.{name} must be positive, got {getattr(c, name)}")
+            raise InputError(f"crosscoder.{name} must be positive, got {getattr(c, name)}")
     if not 0 <= c.lr_decay_start <= 1:
-        raise ValueError(f"crosscoder.lr_decay_start is a fraction of the steps, got {c.lr_decay_start}")
+        raise InputError(f"crosscoder.lr_decay_start is a fraction of the steps, got {c.lr_decay_start}")
     if c.num_workers < 0 or c.lr_warmup_steps < 0 or c.l1_warmup_steps < 0 or c.dec_init_norm < 0:
-        raise ValueError("crosscoder.num_workers, lr_warmup_steps, l1_warmup_steps and dec_init_norm must be >= 0")
+        raise InputError("crosscoder.num_workers, lr_warmup_steps, l1_warmup_steps and dec_init_norm must be >= 0")
 
 
 def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, lr: float, l1_coef: float,
@@ -239,7 +240,7 @@ def sweep_table(tracking_uri: str) -> pd.DataFrame:
         order_by=["attributes.start_time DESC"])
     runs = [run for run in runs if "final_mean_explained_variance" in run.data.metrics]
     if not runs:
-        raise ValueError(f"no finished crosscoder_train runs in experiment {LINE!r} of {tracking_uri}")
+        raise InputError(f"no finished crosscoder_train runs in experiment {LINE!r} of {tracking_uri}")
 
     def setting(run) -> dict:
         return {k: v for k, v in run.data.params.items() if k not in _NOT_RESULTS | {"crosscoder.dec_init_norm"}}

@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from labpipe.config import DormancyParams, Params, flatten
 from labpipe.device import resolve_device
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.text.corpus import HUB_NAME, load_stories
 
@@ -95,7 +96,7 @@ def list_revisions(d: DormancyParams) -> list[Revision]:
     path = Path(d.model)
     if not path.is_dir():
         if not HUB_NAME.fullmatch(d.model):
-            raise ValueError(f"model {d.model!r} is neither a directory nor a Hugging Face model name")
+            raise InputError(f"model {d.model!r} is neither a directory nor a Hugging Face model name")
         return _first(d, [Revision(name, step_of(name), d.model, name) for name in d.revisions or ["main"]])
     if (path / "config.json").exists():  # one save_pretrained directory, e.g. a single lm_train checkpoint
         available = {path.name: path}
@@ -103,10 +104,10 @@ def list_revisions(d: DormancyParams) -> list[Revision]:
         subdirs = [p for p in path.iterdir() if p.is_dir() and STEP_DIR.fullmatch(p.name)]
         available = {p.name: p for p in sorted(subdirs, key=lambda p: step_of(p.name))}
     if not available:
-        raise ValueError(f"no checkpoints in {path}: expected step_XXXXXXXX/ directories (lm_train's)")
+        raise InputError(f"no checkpoints in {path}: expected step_XXXXXXXX/ directories (lm_train's)")
     for name in d.revisions:
         if name not in available:
-            raise ValueError(f"revision {name!r} not found in {path}; available: {', '.join(available)}")
+            raise InputError(f"revision {name!r} not found in {path}; available: {', '.join(available)}")
     return _first(d, [Revision(name, step_of(name), str(available[name]), None) for name in d.revisions or available])
 
 
@@ -121,7 +122,7 @@ def load_model(revision: Revision, device: torch.device) -> torch.nn.Module:
         model = AutoModelForCausalLM.from_pretrained(revision.source, revision=revision.hub_revision,
                                                      dtype=torch.float32)
     except (OSError, ValueError) as error:  # a missing revision or file, offline or not
-        raise ValueError(f"cannot load {revision.source} at revision {revision.name!r}: {error}") from error
+        raise InputError(f"cannot load {revision.source} at revision {revision.name!r}: {error}") from error
     return model.to(device).eval()
 
 
@@ -129,7 +130,7 @@ def hooked_modules(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Mod
     """[(layer name, module)] whose output or input (the second value: "output" or "input") is h."""
     model_type = model.config.model_type
     if model_type not in HOOK_POINTS:
-        raise ValueError(f"no dormancy hook point for architecture {model_type!r}; known: {', '.join(HOOK_POINTS)}")
+        raise InputError(f"no dormancy hook point for architecture {model_type!r}; known: {', '.join(HOOK_POINTS)}")
     layers_path, inner, side = HOOK_POINTS[model_type]
     layers = model.get_submodule(layers_path)
     return [(f"{layers_path}.{i}.{inner}", layer.get_submodule(inner)) for i, layer in enumerate(layers)], side
@@ -146,7 +147,7 @@ def batch_source(d: DormancyParams) -> Callable[[Revision], Iterator[Batch]]:
         manifest = load_manifest()
         shards = manifest.split("val")
         if not sum(shard.sequences for shard in shards):
-            raise ValueError(f"{manifest.path}: the synthetic val shards hold no sequences")
+            raise InputError(f"{manifest.path}: the synthetic val shards hold no sequences")
         return lambda _revision: synth_batches(manifest, shards, d)
     texts = read_texts(d)
     return lambda revision: text_batches(texts, load_tokenizer(revision), d)
@@ -171,9 +172,9 @@ def read_texts(d: DormancyParams) -> list[str]:
         stories = load_stories(d.text_source, d.text_split, None, d.text_field)
         texts = list(itertools.islice((text for text in stories if text.strip()), d.samples))
     except FileNotFoundError as error:
-        raise ValueError(f"text source {d.text_source!r}: {error}") from error
+        raise InputError(f"text source {d.text_source!r}: {error}") from error
     if not texts:
-        raise ValueError(f"text source {d.text_source!r} (split {d.text_split}) gave no text")
+        raise InputError(f"text source {d.text_source!r} (split {d.text_split}) gave no text")
     return texts
 
 
@@ -183,11 +184,11 @@ def load_tokenizer(revision: Revision):
     try:
         tokenizer = AutoTokenizer.from_pretrained(revision.source, revision=revision.hub_revision)
     except (OSError, ValueError) as error:
-        raise ValueError(f"no tokenizer for {revision.source} at revision {revision.name!r} (a text source needs "
+        raise InputError(f"no tokenizer for {revision.source} at revision {revision.name!r} (a text source needs "
                          f"one; text_source=synth does not): {error}") from error
     if tokenizer.pad_token is None:  # Pythia's has none; padded positions are masked out anyway
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {revision.source} has neither a pad nor an eos token")
+            raise InputError(f"the tokenizer of {revision.source} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     # Right padding leaves every real token where it is unpadded: Llama's positions count from the first column
     # whatever the mask says, and causal attention never lets a real token see the padding after it.
@@ -262,7 +263,7 @@ def layer_statistics(model: torch.nn.Module, batches, device: torch.device) -> l
         for handle in handles:
             handle.remove()
     if tokens == 0:
-        raise ValueError("the text source gave no tokens")
+        raise InputError("the text source gave no tokens")
     return [LayerStats(name, (layer.abs_sum / tokens).cpu().numpy(), float(layer.max_abs))
             for (name, _module), layer in zip(modules, stats, strict=True)]
 
@@ -299,7 +300,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
     # Names as strings even when they look like numbers (a revision that is a commit hash of digits)
     frame = pd.read_csv(path, dtype={"model": str, "revision": str, "layer_name": str})
     if list(frame.columns) != COLUMNS:
-        raise ValueError(f"{path} has columns {list(frame.columns)}, not {COLUMNS}: refusing to append to it "
+        raise InputError(f"{path} has columns {list(frame.columns)}, not {COLUMNS}: refusing to append to it "
                          "(choose another output CSV)")
     return frame
 
@@ -319,7 +320,7 @@ def check_text_settings(d: DormancyParams) -> None:
     if Path(d.output_csv).exists() and sidecar.exists():
         saved = json.loads(sidecar.read_text())
         if saved != settings:
-            raise ValueError(f"{d.output_csv} holds rows made with {saved}, not {settings}: they would be reused as "
+            raise InputError(f"{d.output_csv} holds rows made with {saved}, not {settings}: they would be reused as "
                              "if comparable; choose another output CSV (or delete it)")
     write_json(sidecar, settings)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from labpipe.dormancy.analysis import read_results
+from labpipe.errors import InputError
 
 PLOTS = ("dormancy_over_steps.png", "dormancy_heatmap.png", "layer_evolution.png")
 
@@ -29,10 +30,10 @@ def choose_model(results: pd.DataFrame, model: str | None) -> pd.DataFrame:
     models = list(dict.fromkeys(results.model))
     if model is None:
         if len(models) > 1:
-            raise ValueError(f"the CSV holds several models ({', '.join(models)}): choose one with --model")
+            raise InputError(f"the CSV holds several models ({', '.join(models)}): choose one with --model")
         return results
     if model not in models:
-        raise ValueError(f"model {model!r} is not in the CSV; it has {', '.join(models)}")
+        raise InputError(f"model {model!r} is not in the CSV; it has {', '.join(models)}")
     return results[results.model == model]
 
 
@@ -40,7 +41,7 @@ def choose_threshold(results: pd.DataFrame, threshold: float | None) -> float:
     available = sorted(set(results.threshold.astype(float)))
     if threshold is not None:
         if threshold not in available:
-            raise ValueError(f"threshold {threshold} is not in the CSV; it has {available}")
+            raise InputError(f"threshold {threshold} is not in the CSV; it has {available}")
         return threshold
     return 0.1 if 0.1 in available else available[-1]
 
@@ -129,10 +130,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         if not Path(args.csv).is_file():
-            raise ValueError(f"{args.csv}: no such file")
+            raise InputError(f"{args.csv}: no such file")
         results = read_results(args.csv)
         if results.empty:
-            raise ValueError(f"{args.csv} has no rows")
+            raise InputError(f"{args.csv} has no rows")
         results = choose_model(results, args.model)
         threshold = choose_threshold(results, args.threshold)
         show = not args.no_show and bool(os.environ.get("DISPLAY"))

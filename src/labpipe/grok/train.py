@@ -1,9 +1,10 @@
 """Stage grok_train: long AdamW training of an m-height regressor, watching weight norms for grokking.
 
 Reads the balanced subsamples of stage mheight_subsample; writes artifacts/grok/{model.pt,
-metrics.json, train_history.csv, val_history.csv, plots/}. Every `checkpoint_every` epochs the full
-state (model, optimizer, shuffling RNG, history, best model, MLflow run id) is written atomically;
-a killed run restarts from the newest checkpoint and ends with the same weights as an uninterrupted one.
+metrics.json, train_history.csv, val_history.csv, plots/}. The run lifecycle (resume, extend, init_from,
+checkpoints, champion) is labpipe.run's: a killed run restarts from the newest checkpoint and ends with the
+same weights as an uninterrupted one; raising grok.epochs continues a finished run. The learning rate is
+constant, so a run of 2N epochs is a run of N extended by N.
 """
 
 from __future__ import annotations
@@ -18,17 +19,13 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from labpipe import checkpoint
 from labpipe.config import GrokParams, Params, flatten
 from labpipe.device import resolve_device
-from labpipe.files import atomic_path, write_json
+from labpipe.errors import InputError
+from labpipe.files import save_torch, write_json
 from labpipe.grok.models import build_model, log2_loss
-from labpipe.mheight.data import LINE, TRAIN, VAL, read_dataset
-
-OUT_DIR = Path("artifacts/grok")
-CHECKPOINTS = OUT_DIR / "checkpoints"
-REGISTERED_MODEL = "mheight-regressor"
-
+from labpipe.mheight.data import TRAIN, VAL, read_dataset
+from labpipe.run import TrainingRun, TrainState, load_into
 
 # ----------------------------------------------------------------------------- features
 
@@ -69,7 +66,7 @@ def encode(frame: pd.DataFrame, layout: FeatureLayout) -> Split:
     for row, (n, k, m, P) in enumerate(zip(finite.n, finite.k, finite.m, finite.P, strict=True)):
         key = (int(n), int(k), int(m))
         if key not in index_of:
-            raise ValueError(f"group n={n} k={k} m={m} does not occur in the training data")
+            raise InputError(f"group n={n} k={k} m={m} does not occur in the training data")
         padded = np.zeros((layout.max_k, layout.max_r), dtype=np.float32)
         padded[:k, : n - k] = np.asarray(P).reshape(k, n - k) / layout.p_scale
         x[row, : layout.max_k * layout.max_r] = padded.reshape(-1)
@@ -118,6 +115,14 @@ class SpikeDetector:
         self.recent: collections.deque[float] = collections.deque(maxlen=window)
         self.spiking = False
 
+    def state_dict(self) -> dict:
+        return {"recent": list(self.recent), "spiking": self.spiking}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recent.clear()
+        self.recent.extend(state["recent"])
+        self.spiking = state["spiking"]
+
     def update(self, loss: float) -> bool:
         spiking = bool(self.recent) and loss > self.factor * min(self.recent)
         started = spiking and not self.spiking
@@ -154,8 +159,6 @@ def group_name(group: tuple[int, int, int]) -> str:
 
 def run_train(params: Params) -> None:
     """Stage grok_train."""
-    from labpipe.tracking import register_if_better, stage_run
-
     g = params.grok
     device = resolve_device(g.device)
     train_frame = read_dataset(TRAIN)
@@ -168,25 +171,18 @@ def run_train(params: Params) -> None:
     model = build_model(g, layout.dim, n_groups).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     shuffle = torch.Generator().manual_seed(g.seed)  # CPU generator: its state is saved and restored exactly
-    state = {"epoch": 0, "train_history": [], "val_history": [], "best": None, "run_id": None, "spikes": [],
-             "spike_detector": SpikeDetector(g.spike_factor, g.spike_window)}
+    spikes = SpikeDetector(g.spike_factor, g.spike_window)
+    parts = {"model": model, "optimizer": optimizer, "shuffle": shuffle, "spikes": spikes}
 
-    fp = checkpoint.fingerprint(g, [TRAIN, VAL], Path(__file__).parent)
-    saved = checkpoint.resume(CHECKPOINTS, fp)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        shuffle.set_state(saved["shuffle_rng"])
-        state = saved["state"]
-
-    with stage_run(params.tracking, LINE, "grok_train", flatten(g, "grok."), state["run_id"]) as run:
-        state["run_id"] = run.run_id
+    with TrainingRun("grok_train", params, [TRAIN, VAL], parts, init=lambda loaded: init_weights(model, g, loaded)) \
+            as run:
+        extra = run.state.extra
+        extra.setdefault("val_history", [])
+        extra.setdefault("spikes", [])
         run.set_tags({"device": str(device), "train_rows": len(train.log2_h), "val_rows": len(val.log2_h)})
-        run.log_metrics({"excluded_infinite_train": train.excluded_infinite,
-                         "excluded_infinite_val": val.excluded_infinite}, step=0)
-        bar = tqdm(range(state["epoch"] + 1, g.epochs + 1), desc="grok epochs", unit="epoch",
-                   initial=state["epoch"], total=g.epochs)
-        for epoch in bar:
+        run.log({"excluded_infinite_train": train.excluded_infinite,
+                 "excluded_infinite_val": val.excluded_infinite}, step=0)
+        for epoch in run.steps("grok epochs"):
             started = time.perf_counter()
             before = flat_parameters(model)
             train_loss, grad_norm = train_epoch(model, optimizer, train, g, n_groups, shuffle, device)
@@ -199,47 +195,36 @@ def run_train(params: Params) -> None:
                 "lr": optimizer.param_groups[0]["lr"],
                 **weight_norms(model),
             }
-            state["train_history"].append(record)
+            run.state.history.append(record)
             metrics = {k: v for k, v in record.items() if k != "epoch"}
             metrics["epoch_seconds"] = time.perf_counter() - started
-            if state["spike_detector"].update(train_loss):
-                state["spikes"].append(epoch)
+            if spikes.update(train_loss):
+                extra["spikes"].append(epoch)
                 metrics["slingshot"] = 1.0
                 tqdm.write(f"epoch {epoch}: train-loss spike (Slingshot) to {train_loss:.4g}")
-            if epoch % g.val_every == 0 or epoch == g.epochs:
+            if epoch % g.val_every == 0 or epoch == run.length:
                 val_loss, per_group = evaluate(model, val, n_groups, device)
-                state["val_history"].append({"epoch": epoch, "val_loss": val_loss,
-                                             **{group_name(gr): v for gr, v in zip(layout.groups, per_group,
-                                                                                   strict=True)}})
+                by_group = {group_name(gr): v for gr, v in zip(layout.groups, per_group, strict=True)}
+                extra["val_history"].append({"epoch": epoch, "val_loss": val_loss, **by_group})
                 metrics["val_loss"] = val_loss
-                metrics.update({f"val_loss/{group_name(gr)}": v for gr, v in zip(layout.groups, per_group,
-                                                                                 strict=True)})
-                if state["best"] is None or val_loss < state["best"]["val_loss"]:
-                    state["best"] = {"epoch": epoch, "val_loss": val_loss,
-                                     "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
-                bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
-            run.log_metrics(metrics, step=epoch)
-            state["epoch"] = epoch
-            if epoch % g.checkpoint_every == 0 or epoch == g.epochs:
-                checkpoint.save(CHECKPOINTS, epoch, {
-                    "fingerprint": fp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "shuffle_rng": shuffle.get_state(), "state": state,
-                }, keep=g.keep_checkpoints)
+                metrics.update({f"val_loss/{name}": v for name, v in by_group.items()})
+                run.offer_best(val_loss, model, epoch)
+                run.bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+            run.log(metrics, step=epoch)
 
-        write_outputs(state, layout, g)
-        for name in ("loss.png", "norms.png"):
-            run.log_artifact(OUT_DIR / "plots" / name, "plots")
-        run.log_artifact(OUT_DIR / "metrics.json")
-        run.log_outputs([OUT_DIR / "model.pt", OUT_DIR / "metrics.json", OUT_DIR / "train_history.csv",
-                         OUT_DIR / "val_history.csv", OUT_DIR / "plots"])
-        best = state["best"]
-        model.load_state_dict(best["model"])
-        version = register_if_better(run.log_torch_model(model.cpu()), REGISTERED_MODEL, "val_loss",
-                                     best["val_loss"])
-        run.set_tags({"champion": version is not None})
-        print(f"best val loss {best['val_loss']:.4f} at epoch {best['epoch']}; "
-              + (f"registered {REGISTERED_MODEL} v{version.version} as champion" if version else
-                 "the current champion stays"))
+        with run.outputs() as out:
+            metrics = write_outputs(out, run.state, layout, g)
+        model.load_state_dict(run.state.best.weights)
+        run.finish(model, metrics)
+
+
+def init_weights(model: torch.nn.Module, g: GrokParams, loaded: list[dict]) -> None:
+    """grok.init_from: the whole model's weights; grok.init_experts_from: one ResNet's weights per expert."""
+    if g.init_experts_from:
+        for index, (expert, weights) in enumerate(zip(model.experts, loaded, strict=True)):
+            load_into(expert, weights, f"grok.init_experts_from[{index}]={g.init_experts_from[index]}")
+    else:
+        load_into(model, loaded[0], f"grok.init_from={g.init_from}")
 
 
 def train_epoch(model, optimizer, train: Split, g: GrokParams, n_groups: int, shuffle: torch.Generator,
@@ -261,26 +246,27 @@ def train_epoch(model, optimizer, train: Split, g: GrokParams, n_groups: int, sh
     return total_loss / len(train.log2_h), total_grad / steps
 
 
-def write_outputs(state: dict, layout: FeatureLayout, g: GrokParams) -> None:
+def write_outputs(out: Path, state: TrainState, layout: FeatureLayout, g: GrokParams) -> dict:
+    """model.pt (the best weights), metrics.json, the histories and the plots under `out`; returns the metrics."""
     from labpipe.grok.plots import plot_history
 
-    best, final = state["best"], state["train_history"][-1]
-    with atomic_path(OUT_DIR / "model.pt") as tmp:
-        torch.save({"model": best["model"], "layout": dataclasses.asdict(layout), "params": flatten(g),
-                    "epoch": best["epoch"], "val_loss": best["val_loss"]}, tmp)
-    last_val = state["val_history"][-1]
-    write_json(OUT_DIR / "metrics.json", {
-        "best_val_loss": best["val_loss"],
-        "best_epoch": best["epoch"],
+    best, final = state.best, state.history[-1]
+    val_history, spikes = state.extra["val_history"], state.extra["spikes"]
+    save_torch({"model": best.weights, "layout": dataclasses.asdict(layout), "params": flatten(g),
+                "epoch": best.step, "val_loss": best.value}, out / "model.pt")
+    last_val = val_history[-1]
+    metrics = {
+        "best_val_loss": best.value,
+        "best_epoch": best.step,
         "final_train_loss": final["train_loss"],
         "final_val_loss": last_val["val_loss"],
         "final_weight_norm": final["weight_norm"],
-        "slingshot_epochs": state["spikes"],
+        "slingshot_epochs": spikes,
         "val_loss_per_group": {k: v for k, v in last_val.items() if k not in ("epoch", "val_loss")},
-    })
+    }
+    write_json(out / "metrics.json", metrics)
     train_columns = ["epoch", "train_loss", "grad_norm", "update_ratio", "lr", "weight_norm"]
-    for name, rows, columns in (("train_history.csv", state["train_history"], train_columns),
-                                ("val_history.csv", state["val_history"], None)):
-        with atomic_path(OUT_DIR / name) as tmp:
-            pd.DataFrame(rows, columns=columns).to_csv(tmp, index=False)
-    plot_history(state["train_history"], state["val_history"], state["spikes"], OUT_DIR / "plots")
+    pd.DataFrame(state.history, columns=train_columns).to_csv(out / "train_history.csv", index=False)
+    pd.DataFrame(val_history).to_csv(out / "val_history.csv", index=False)
+    plot_history(state.history, val_history, spikes, out / "plots")
+    return metrics

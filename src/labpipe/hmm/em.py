@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from labpipe.errors import UserError
 from labpipe.hmm.forward_backward import SufficientStats, expected_counts, m_step
 from labpipe.hmm.model import HMM
 from labpipe.hmm.pomegranate_backend import from_dense_hmm, summarize_batch, to_dense_hmm
@@ -22,8 +23,8 @@ from labpipe.hmm.pomegranate_backend import from_dense_hmm, summarize_batch, to_
 Batch = tuple[torch.Tensor, torch.Tensor]  # tokens (B, L) long, lengths (B,) long
 
 
-class EMDivergedError(RuntimeError):
-    pass
+class EMDivergedError(UserError, RuntimeError):
+    exit_code = 1
 
 
 class Backend(Protocol):

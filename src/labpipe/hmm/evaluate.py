@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from labpipe.config import Params, flatten
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.hmm.em import pad_batches
 from labpipe.hmm.forward_backward import next_token_log_probs
@@ -81,7 +82,7 @@ class Baselines:
             return self.unigram.expand(batch, length, k)
         if strategy == "bigram":
             return torch.cat([self.first.expand(batch, 1, k), self.bigram[tokens[:, :-1]]], dim=1)
-        raise ValueError(f"unknown strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
+        raise InputError(f"unknown strategy {strategy!r}: one of {', '.join(STRATEGIES)}")
 
 
 @dataclass
@@ -156,7 +157,7 @@ def run_eval(params: Params) -> None:
     h = params.hmm
     hmm = load_model()
     if hmm.n_symbols != h.vocab_size:
-        raise ValueError(f"{TRAIN_DIR / 'model.pt'} emits {hmm.n_symbols} symbols, but hmm.vocab_size={h.vocab_size}")
+        raise InputError(f"{TRAIN_DIR / 'model.pt'} emits {hmm.n_symbols} symbols, but hmm.vocab_size={h.vocab_size}")
     baselines = Baselines.fit(read_sequences("train", h), h.vocab_size, h.eps)
     result = evaluate(hmm, baselines, read_sequences("test", h), h.batch_size)
     summary = result.summary()

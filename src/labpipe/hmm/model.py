@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from labpipe.errors import InputError
+
 ROW_SUM_TOLERANCE = 1e-6
 
 
@@ -48,23 +50,23 @@ class HMM:
     def validate(self) -> None:
         """ValueError naming the tensor: wrong shape, negative or NaN entries, or rows not summing to 1."""
         if self.emission.dim() != 2:
-            raise ValueError(f"emission: expected shape (n_states, n_symbols), got {tuple(self.emission.shape)}")
+            raise InputError(f"emission: expected shape (n_states, n_symbols), got {tuple(self.emission.shape)}")
         n_states, n_symbols = self.emission.shape
         expected = {"start": (n_states,), "transition": (n_states, n_states), "end": (n_states,),
                     "emission": (n_states, n_symbols)}
         for name, shape in expected.items():
             tensor = getattr(self, name)
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+                raise InputError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
             if torch.isnan(tensor).any() or (tensor < 0).any():
-                raise ValueError(f"{name}: has negative or NaN entries")
+                raise InputError(f"{name}: has negative or NaN entries")
         row_sums = {"start": self.start.sum()[None], "transition + end": self.transition.sum(1) + self.end,
                     "emission": self.emission.sum(1)}
         for name, sums in row_sums.items():
             error = (sums - 1).abs()
             if (error > ROW_SUM_TOLERANCE).any():
                 row = int(error.argmax())
-                raise ValueError(f"{name}: row {row} sums to {float(sums[row])!r}, expected 1 (tolerance "
+                raise InputError(f"{name}: row {row} sums to {float(sums[row])!r}, expected 1 (tolerance "
                                  f"{ROW_SUM_TOLERANCE})")
 
     def floored(self, eps: float) -> HMM:
@@ -78,7 +80,7 @@ class HMM:
         def floor_rows(rows: torch.Tensor) -> torch.Tensor:
             n = rows.shape[-1]
             if n * eps >= 1:
-                raise ValueError(f"eps={eps} is too large for rows of {n} entries")
+                raise InputError(f"eps={eps} is too large for rows of {n} entries")
             return eps + (1 - n * eps) * (rows / rows.sum(-1, keepdim=True))
 
         moves = floor_rows(torch.cat([self.transition, self.end[:, None]], dim=1))
@@ -92,7 +94,7 @@ class HMM:
         """
         going_on = 1 - self.end
         if (going_on <= 0).any():
-            raise ValueError(f"state {int(going_on.argmin())} always ends: it has no transitions to go on with")
+            raise InputError(f"state {int(going_on.argmin())} always ends: it has no transitions to go on with")
         return HMM(self.start, self.transition / going_on[:, None], torch.zeros_like(self.end), self.emission)
 
     def stationary(self) -> torch.Tensor:
@@ -116,7 +118,7 @@ class HMM:
         names = [f.name for f in fields(cls)]
         missing = [name for name in names if name not in state]
         if missing:
-            raise ValueError(f"HMM state dict lacks {missing}; it has {sorted(state)}")
+            raise InputError(f"HMM state dict lacks {missing}; it has {sorted(state)}")
         hmm = cls(**{name: torch.as_tensor(state[name]).cpu() for name in names})
         hmm.validate()
         return hmm

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from labpipe import checkpoint
 from labpipe.config import HMMParams, Params, flatten
 from labpipe.device import resolve_device
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.hmm.em import BACKENDS, em_epoch, estimate_memory_bytes, pad_batches
 from labpipe.hmm.forward_backward import log_likelihood
@@ -66,7 +67,7 @@ def read_sequences(split: str, h: HMMParams) -> list[np.ndarray]:
     """The split's sequences: its sentences, or its token stream in rows of seq_length (the tail dropped)."""
     path = token_file(split, h.vocab_size)
     if not path.exists():
-        raise ValueError(f"{path} does not exist: hmm.vocab_size={h.vocab_size} must be one of text.vocab_sizes "
+        raise InputError(f"{path} does not exist: hmm.vocab_size={h.vocab_size} must be one of text.vocab_sizes "
                          "(and the tokenize stage must have run)")
     sentences = read_token_file(path, h.vocab_size)
     if h.seq_length == 0:
@@ -74,7 +75,7 @@ def read_sequences(split: str, h: HMMParams) -> list[np.ndarray]:
     stream = np.concatenate(sentences)
     rows = len(stream) // h.seq_length
     if rows == 0:
-        raise ValueError(f"{path} has {len(stream)} tokens, fewer than hmm.seq_length={h.seq_length}")
+        raise InputError(f"{path} has {len(stream)} tokens, fewer than hmm.seq_length={h.seq_length}")
     return list(stream[: rows * h.seq_length].reshape(rows, h.seq_length))
 
 
@@ -88,7 +89,7 @@ def check_memory(h: HMMParams, max_length: int) -> int:
             fits //= 2
         advice = (f"lower hmm.batch_size (about {fits} fits)" if fits
                   else "not even batch 1 fits: shorten hmm.seq_length")
-        raise ValueError(
+        raise InputError(
             f"hmm_train would need about {needed / GB:.3g} GB for one E-step (backend {h.backend}, "
             f"H={h.hidden_states}, K={h.vocab_size}, batch {h.batch_size}, longest sequence {max_length}), "
             f"over hmm.memory_budget_gb={h.memory_budget_gb}: {advice}, use the torch backend, or raise the budget."

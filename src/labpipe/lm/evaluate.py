@@ -29,6 +29,7 @@ from transformers import LlamaForCausalLM
 
 from labpipe.config import Params, flatten
 from labpipe.device import resolve_device
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, sha256_file, write_json
 from labpipe.hmm.evaluate import Baselines
 from labpipe.hmm.forward_backward import next_token_log_probs
@@ -48,13 +49,13 @@ def generating_hmm(manifest: Manifest) -> HMM:
     """The HMM the synthetic rows were sampled from (before any emission permutation), in float64."""
     path = Path(manifest.hmm["path"])
     if not path.exists():
-        raise ValueError(f"{manifest.path} was sampled from {path}, which does not exist")
+        raise InputError(f"{manifest.path} was sampled from {path}, which does not exist")
     if sha256_file(path) != manifest.hmm["sha256"]:
-        raise ValueError(f"{path} has changed since {manifest.path} was sampled from it: rerun stage synth")
+        raise InputError(f"{path} has changed since {manifest.path} was sampled from it: rerun stage synth")
     hmm = HMM.from_state_dict(torch.load(path, map_location="cpu", weights_only=True)["hmm"])
     hmm = hmm.without_ends().to(dtype=torch.float64)
     if hmm.n_symbols != manifest.vocab_size:
-        raise ValueError(f"{path} emits {hmm.n_symbols} symbols, {manifest.path} says {manifest.vocab_size}")
+        raise InputError(f"{path} emits {hmm.n_symbols} symbols, {manifest.path} says {manifest.vocab_size}")
     if manifest.start == "stationary":
         hmm = HMM(hmm.stationary(), hmm.transition, hmm.end, hmm.emission)
     return hmm
@@ -127,10 +128,10 @@ def run_eval(params: Params) -> None:
     device = resolve_device(lm.device)
     manifest, train, val = open_data(lm)
     if not (MODEL_DIR / "config.json").exists():
-        raise ValueError(f"no trained LM in {MODEL_DIR}: run stage lm_train first")
+        raise InputError(f"no trained LM in {MODEL_DIR}: run stage lm_train first")
     model = LlamaForCausalLM.from_pretrained(MODEL_DIR).to(device)
     if model.config.vocab_size < manifest.vocab_size:
-        raise ValueError(f"{MODEL_DIR} predicts {model.config.vocab_size} symbols, the data has "
+        raise InputError(f"{MODEL_DIR} predicts {model.config.vocab_size} symbols, the data has "
                          f"{manifest.vocab_size}: retrain it on this data")
     hmm = generating_hmm(manifest)
     rows = validation_rows(lm, val)

@@ -43,6 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from labpipe import checkpoint
 from labpipe.config import LMParams, Params, flatten
 from labpipe.device import resolve_device
+from labpipe.errors import InputError
 from labpipe.files import atomic_dir, atomic_path, write_json
 from labpipe.lm.data import ShardDataset, shards_read, training_batches
 from labpipe.synth.manifest import MANIFEST, Manifest, load_manifest
@@ -65,12 +66,12 @@ _STEP_DIR = re.compile(r"^step_\d{8}$")
 def check_params(lm: LMParams) -> None:
     """ValueError for lm params that would fail later, or silently train something else."""
     if lm.hidden_size % lm.heads:
-        raise ValueError(f"lm.hidden_size={lm.hidden_size} is not a multiple of lm.heads={lm.heads}")
+        raise InputError(f"lm.hidden_size={lm.hidden_size} is not a multiple of lm.heads={lm.heads}")
     for name in ("max_steps", "batch_size", "eval_every", "eval_sequences", "checkpoint_every"):
         if getattr(lm, name) < 1:
-            raise ValueError(f"lm.{name} must be at least 1, got {getattr(lm, name)}")
+            raise InputError(f"lm.{name} must be at least 1, got {getattr(lm, name)}")
     if not 0 <= lm.warmup_steps <= lm.max_steps:
-        raise ValueError(f"lm.warmup_steps={lm.warmup_steps} must lie in [0, lm.max_steps={lm.max_steps}]")
+        raise InputError(f"lm.warmup_steps={lm.warmup_steps} must lie in [0, lm.max_steps={lm.max_steps}]")
 
 
 def model_vocab_size(lm: LMParams, manifest: Manifest) -> int:
@@ -78,7 +79,7 @@ def model_vocab_size(lm: LMParams, manifest: Manifest) -> int:
     if lm.vocab_size == 0:
         return manifest.vocab_size
     if lm.vocab_size < manifest.vocab_size:
-        raise ValueError(f"lm.vocab_size={lm.vocab_size} is smaller than the vocabulary of the synthetic data "
+        raise InputError(f"lm.vocab_size={lm.vocab_size} is smaller than the vocabulary of the synthetic data "
                          f"({manifest.vocab_size} symbols, {manifest.path}): set lm.vocab_size=0 to use the data's")
     return lm.vocab_size
 
@@ -89,12 +90,12 @@ def open_data(lm: LMParams) -> tuple[Manifest, ShardDataset, ShardDataset]:
     manifest = load_manifest(MANIFEST)  # ValueError without a manifest, ShardError for a missing shard
     model_vocab_size(lm, manifest)
     if manifest.seq_length > lm.context_length:
-        raise ValueError(f"the synthetic sequences have {manifest.seq_length} tokens (synth.seq_length, "
+        raise InputError(f"the synthetic sequences have {manifest.seq_length} tokens (synth.seq_length, "
                          f"{manifest.path}), more than the model's context: lm.context_length={lm.context_length}")
     train, val = ShardDataset(manifest, "train"), ShardDataset(manifest, "val")
     for name, split in (("train", train), ("val", val)):
         if len(split) == 0:
-            raise ValueError(f"{manifest.path} lists no {name} sequences (synth.{name}_shards)")
+            raise InputError(f"{manifest.path} lists no {name} sequences (synth.{name}_shards)")
     return manifest, train, val
 
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from labpipe.config import MHeightParams, Params, flatten
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.mheight.exact import m_heights_batch
 
@@ -109,16 +110,16 @@ def import_pickles(paths: list[str]) -> pd.DataFrame:
     for path in paths:
         frame = pd.read_pickle(path)
         if not isinstance(frame, pd.DataFrame):
-            raise ValueError(f"{path}: expected a pickled pandas DataFrame, got {type(frame).__name__}")
+            raise InputError(f"{path}: expected a pickled pandas DataFrame, got {type(frame).__name__}")
         missing = [c for c in PICKLE_COLUMNS if c not in frame.columns]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{path}: missing column(s) {', '.join(missing)}; expected columns {', '.join(PICKLE_COLUMNS)}"
             )
         rows = [validate_record(path, i, r.n, r.k, r.m, r.P, r.result) for i, r in enumerate(frame.itertuples())]
         frames.append(pd.DataFrame(rows, columns=["n", "k", "m", "P", "height"]))
     if not frames:
-        raise ValueError("no pickles to import")
+        raise InputError("no pickles to import")
     return pd.concat(frames, ignore_index=True)
 
 
@@ -128,20 +129,20 @@ def validate_record(source: str, index: int, n, k, m, P, height) -> tuple:
     try:
         n, k, m = int(n), int(k), int(m)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: n, k, m must be integers, got {n!r}, {k!r}, {m!r}") from None
+        raise InputError(f"{where}: n, k, m must be integers, got {n!r}, {k!r}, {m!r}") from None
     if not 0 < k < n:
-        raise ValueError(f"{where}: need 0 < k < n, got n={n}, k={k}")
+        raise InputError(f"{where}: need 0 < k < n, got n={n}, k={k}")
     if not 0 <= m < n:
-        raise ValueError(f"{where}: m={m} is outside 0..{n - 1} for n={n}")
+        raise InputError(f"{where}: m={m} is outside 0..{n - 1} for n={n}")
     P = np.asarray(P, dtype=np.float64)
     if P.shape != (k, n - k):
-        raise ValueError(f"{where}: P has shape {P.shape}, expected ({k}, {n - k}) for n={n}, k={k}")
+        raise InputError(f"{where}: P has shape {P.shape}, expected ({k}, {n - k}) for n={n}, k={k}")
     if not np.isfinite(P).all():
         bad = tuple(int(i) for i in np.argwhere(~np.isfinite(P))[0])
-        raise ValueError(f"{where}: P{list(bad)} = {P[bad]} is not finite")
+        raise InputError(f"{where}: P{list(bad)} = {P[bad]} is not finite")
     height = float(height)
     if np.isnan(height) or height < 1:
-        raise ValueError(f"{where}: height {height} is not a valid m-height (>= 1, inf allowed)")
+        raise InputError(f"{where}: height {height} is not a valid m-height (>= 1, inf allowed)")
     return n, k, m, P.reshape(-1), height
 
 
@@ -157,7 +158,7 @@ def write_dataset(frame: pd.DataFrame, path: str | Path) -> None:
 def read_dataset(path: str | Path) -> pd.DataFrame:
     table = pq.read_table(path)
     if table.schema.remove_metadata() != SCHEMA:
-        raise ValueError(f"{path}: schema {table.schema.remove_metadata()} differs from labpipe's {SCHEMA}")
+        raise InputError(f"{path}: schema {table.schema.remove_metadata()} differs from labpipe's {SCHEMA}")
     return table.to_pandas()
 
 
@@ -179,7 +180,7 @@ def run_data(params: Params) -> None:
     pickles = sorted(glob.glob(os.path.join(p.import_dir, "*.pkl")))
     use_pickles = p.source == "pickles" or (p.source == "auto" and pickles)
     if p.source == "pickles" and not pickles:
-        raise ValueError(f"mheight.source=pickles but {p.import_dir} holds no *.pkl files")
+        raise InputError(f"mheight.source=pickles but {p.import_dir} holds no *.pkl files")
     with stage_run(params.tracking, LINE, "mheight_data", flatten(params.mheight, "mheight.")) as run:
         start = time.perf_counter()
         frame = import_pickles(pickles) if use_pickles else generate(p)
@@ -205,7 +206,7 @@ def subsample(frame: pd.DataFrame, train_per_group: int, val_per_group: int, see
     for group_index, ((n, k, m), rows) in enumerate(frame.groupby(["n", "k", "m"], sort=True)):
         need = train_per_group + val_per_group
         if len(rows) < need:
-            raise ValueError(
+            raise InputError(
                 f"group n={n} k={k} m={m} has {len(rows)} rows, fewer than "
                 f"train_per_group + val_per_group = {need}"
             )

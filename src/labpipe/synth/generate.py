@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from labpipe.config import Params, SynthParams, flatten
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, sha256_file
 from labpipe.hmm.model import HMM
 from labpipe.synth.manifest import (
@@ -123,7 +124,7 @@ class BlockSampler:
         the state uniforms (time-major), then all the symbol uniforms. Views of buffers the next call reuses."""
         n = self.block if n is None else n
         if not 0 < n <= self.block:
-            raise ValueError(f"n={n} sequences: expected 1 to {self.block}")
+            raise InputError(f"n={n} sequences: expected 1 to {self.block}")
         u, cut, keep, column, flat, states, symbols = (
             buffer[: self.length * n].reshape(self.length, n)
             for buffer in (self._u, self._cut, self._keep, self._column, self._flat, self._states, self._symbols))
@@ -162,7 +163,7 @@ class BlockSampler:
 def start_distribution(hmm: HMM, start: str) -> np.ndarray:
     """The first state's distribution: the HMM's start, or the stationary law of its transition matrix."""
     if start not in ("initial", "stationary"):
-        raise ValueError(f"synth.start must be initial or stationary, got {start!r}")
+        raise InputError(f"synth.start must be initial or stationary, got {start!r}")
     return (hmm.start if start == "initial" else hmm.stationary()).to(torch.float64).numpy()
 
 
@@ -272,21 +273,21 @@ def write_shards(spec: ShardSpec, planned: list[Shard], workers: int) -> Iterato
 def load_hmm(path: str) -> HMM:
     """hmm_train's HMM (float64), without its ends: ValueError when the file or a state's way on is missing."""
     if not Path(path).exists():
-        raise ValueError(f"synth.hmm_checkpoint {path} does not exist: run hmm_train first, or point it at a "
+        raise InputError(f"synth.hmm_checkpoint {path} does not exist: run hmm_train first, or point it at a "
                          "file holding {'hmm': HMM.state_dict()}")
     saved = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or "hmm" not in saved:
-        raise ValueError(f"synth.hmm_checkpoint {path} has no 'hmm' entry (an HMM.state_dict())")
+        raise InputError(f"synth.hmm_checkpoint {path} has no 'hmm' entry (an HMM.state_dict())")
     return HMM.from_state_dict(saved["hmm"]).to(dtype=torch.float64).without_ends()
 
 
 def check_params(s: SynthParams) -> None:
     for name in ("seq_length", "sequences_per_shard", "block_sequences", "workers"):
         if getattr(s, name) < 1:
-            raise ValueError(f"synth.{name} must be at least 1, got {getattr(s, name)}")
+            raise InputError(f"synth.{name} must be at least 1, got {getattr(s, name)}")
     for name in ("train_shards", "val_shards", "seed"):
         if getattr(s, name) < 0:
-            raise ValueError(f"synth.{name} must be at least 0, got {getattr(s, name)}")
+            raise InputError(f"synth.{name} must be at least 0, got {getattr(s, name)}")
 
 
 def params_fingerprint(s: SynthParams, hmm_sha256: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from labpipe.errors import InputError, UserError
 from labpipe.files import sha256_file, write_json
 from labpipe.hmm.model import HMM
 
@@ -32,8 +33,10 @@ MANIFEST = Path("artifacts/synth/manifest.json")
 FORMAT = 1
 
 
-class ShardError(RuntimeError):
+class ShardError(UserError, RuntimeError):
     """A shard that is missing, of the wrong size, or whose sha256 differs from the manifest's."""
+
+    exit_code = 1
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -118,10 +121,10 @@ def load_manifest(path: str | Path = MANIFEST) -> Manifest:
     """Read and check a manifest (every listed shard's presence and size; not its hash: see Manifest.verify)."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"no synthetic-data manifest at {path}: run the synth stage first")
+        raise InputError(f"no synthetic-data manifest at {path}: run the synth stage first")
     raw = json.loads(path.read_text())
     if raw.get("format") != FORMAT:
-        raise ValueError(f"{path}: manifest format {raw.get('format')!r}, this labpipe reads format {FORMAT}")
+        raise InputError(f"{path}: manifest format {raw.get('format')!r}, this labpipe reads format {FORMAT}")
     shards = tuple(Shard(**{**s, "permutation_seeds": tuple(s["permutation_seeds"])}) for s in raw["shards"])
     manifest = Manifest(
         path=path, dtype=np.dtype(raw["dtype"]), vocab_size=raw["vocab_size"], seq_length=raw["seq_length"],

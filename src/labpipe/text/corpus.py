@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from labpipe.errors import InputError
+
 # ----------------------------------------------------------------------------- embedded corpus
 # Word pools and each step's templates are ordered most common first and drawn with Zipf weights: the head
 # recurs in every story while the tail shows up rarely, so a top-K vocabulary keeps some sentences, drops others.
@@ -306,7 +308,7 @@ def _local_stories(path: Path, split: str, text_field: str) -> Iterator[str]:
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
-                raise ValueError(f"split {split!r} not found in {path}; available splits: {', '.join(data)}")
+                raise InputError(f"split {split!r} not found in {path}; available splits: {', '.join(data)}")
             data = data[split]
         return _texts(data, text_field, str(path))
     if path.suffix in (".json", ".jsonl"):
@@ -314,13 +316,13 @@ def _local_stories(path: Path, split: str, text_field: str) -> Iterator[str]:
         return _texts(rows, text_field, str(path))
     if path.suffix == ".txt":
         return _txt_stories(path)
-    raise ValueError(f"{path}: unsupported file type; expected a save_to_disk directory, .json, .jsonl or .txt")
+    raise InputError(f"{path}: unsupported file type; expected a save_to_disk directory, .json, .jsonl or .txt")
 
 
 def _texts(rows: Iterable[dict], text_field: str, source: str) -> Iterator[str]:
     for row in rows:
         if text_field not in row:
-            raise ValueError(f"{source} has no field {text_field!r}; columns: {', '.join(row)}")
+            raise InputError(f"{source} has no field {text_field!r}; columns: {', '.join(row)}")
         yield row[text_field]
 
 

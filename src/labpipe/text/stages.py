@@ -16,6 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from labpipe.config import Params, TextParams, flatten
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.text.corpus import END_OF_TEXT, generate_stories, load_stories
 from labpipe.text.tokenizer import tokenize_corpus
@@ -67,7 +68,7 @@ def write_stories(path: Path, stories: Iterable[str]) -> int:
             f.write(story.strip() + f"\n{END_OF_TEXT}\n")
             count += 1
     if count == 0:
-        raise ValueError(f"{path}: the source gave no stories for this split")
+        raise InputError(f"{path}: the source gave no stories for this split")
     return count
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from labpipe.errors import InputError
 from labpipe.files import atomic_path
 
 INTEGER = re.compile(r"-?[0-9]+")  # stricter than int(), which also takes "+3" and "1_000"
@@ -36,23 +37,23 @@ def iter_token_file(path: str | Path, vocab_size: int) -> Iterator[np.ndarray]:
             yield _parse_line(line, vocab_size, where=f"{path}, line {line_number}")
             count += 1
     if count == 0:
-        raise ValueError(f"{path}: no sentences")
+        raise InputError(f"{path}: no sentences")
 
 
 def _parse_line(line: str, vocab_size: int, where: str) -> np.ndarray:
     tokens = line.split()
     if not tokens:
-        raise ValueError(f"{where}: empty line")
+        raise InputError(f"{where}: empty line")
     ids = []
     for token in tokens:
         if not INTEGER.fullmatch(token):
-            raise ValueError(f"{where}: token {token!r} is not an integer")
+            raise InputError(f"{where}: token {token!r} is not an integer")
         token_id = int(token)
         if not 0 <= token_id < vocab_size:
-            raise ValueError(f"{where}: id {token_id} is out of range for vocab size {vocab_size}")
+            raise InputError(f"{where}: id {token_id} is out of range for vocab size {vocab_size}")
         ids.append(token_id)
     if ids[-1] != 0:
-        raise ValueError(f"{where}: the line does not end with 0 (the id of '.')")
+        raise InputError(f"{where}: the line does not end with 0 (the id of '.')")
     return np.array(ids, dtype=np.int32)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.text.token_file import token_line
 
@@ -61,10 +62,10 @@ def sentences(text: str) -> Iterator[list[str]]:
 def build_vocab(word_counts: collections.Counter, k: int) -> list[str]:
     """"." then the k - 1 most frequent other words, ties broken alphabetically so the list is deterministic."""
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise InputError(f"k must be at least 1, got {k}")
     ranked = sorted((word for word in word_counts if word != END), key=lambda word: (-word_counts[word], word))
     if len(ranked) + 1 < k:
-        raise ValueError(f"the corpus has only {len(ranked) + 1} distinct words (counting '.'), fewer than k={k}")
+        raise InputError(f"the corpus has only {len(ranked) + 1} distinct words (counting '.'), fewer than k={k}")
     return [END] + ranked[: k - 1]
 
 
@@ -137,11 +138,11 @@ def tokenize_corpus(
             word_counts.update(sentence)
             sentences_total += 1
     if sentences_total == 0:
-        raise ValueError("stories() yielded no sentences")
+        raise InputError("stories() yielded no sentences")
     if vocab is None:
         vocab = build_vocab(word_counts, ks[-1])
     elif len(vocab) < ks[-1]:
-        raise ValueError(f"the given vocabulary has {len(vocab)} words, fewer than K = {ks[-1]}")
+        raise InputError(f"the given vocabulary has {len(vocab)} words, fewer than K = {ks[-1]}")
     vocab = list(vocab[: ks[-1]])
     word_ids = {word: word_id for word_id, word in enumerate(vocab)}
     out_of_vocab = len(vocab)  # an id above every K: the sentence is kept nowhere
@@ -163,7 +164,7 @@ def tokenize_corpus(
                         token_files[k].write(line + "\n")
                         kept[k].add(line, len(ids))
         if second_pass_total != sentences_total:
-            raise ValueError(
+            raise InputError(
                 f"stories() gave {sentences_total} sentences on the first pass and {second_pass_total} on the second: "
                 "it must yield the same stories on every call (pass a function that reopens the source)"
             )

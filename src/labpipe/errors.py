@@ -1,0 +1,23 @@
+"""The project's own error types: a mistake in what the user gave us, not a bug.
+
+The CLI turns these (and only these, plus OSError on a named path) into one line and a non-zero exit;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input (a param, a file, a state on disk): one line that names the key or file."""
+
+    exit_code = 2
+
+
+class InputError(UserError, ValueError):
+    """An input file or value that the stage cannot use (ValueError too, for callers that catch that)."""
+
+
+class BusyError(UserError):
+    """The output folder is in use by another run."""
+
+    exit_code = 1

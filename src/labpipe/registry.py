@@ -1,0 +1,144 @@
+"""The research lines of labpipe, declared in one place.
+
+A line is an MLflow experiment, the params sections it owns, and its stages: the verb a DVC stage runs, the
+function behind it, the sections it reads, and, for a training stage, how the shared run lifecycle
+(labpipe.run) treats it: checkpoint unit and form, the run-length param, the champion rule. The CLI's verb
+table, the Params composition (config.py) and doctor's stage map are read from here. A new line is a
+package, one entry in LINES and its stages in dvc.yaml.
+
+Nothing here imports a line's code: section classes and entry points are named as "module:attribute" and
+resolved only when used, so reading the registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Params that never change what a training run computes, whichever line: not part of the resume fingerprint,
+# so changing one (or the run length, `Training.length`) continues the same run.
+NOT_TRAJECTORY = ("checkpoint_every", "keep_checkpoints", "val_every", "eval_every", "log_every", "num_workers",
+                  "device")
+
+
+@dataclasses.dataclass(frozen=True)
+class Champion:
+    """Register a training run's best model as `model` (placeholders like {hmm.vocab_size} filled from the
+    params) and move its alias `champion` when `metric` of the final metrics beats the champion's."""
+
+    model: str
+    metric: str  # the value the run offers with its best weights (labpipe.run.Run.offer_best)
+    lower_is_better: bool
+    # (metric, low param, high param): a run is a candidate only when that final metric lies in the range
+    band: tuple[str, str, str] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """How labpipe.run drives a training stage."""
+
+    section: str  # its params section; `<section>.init_from` starts it from given weights
+    out_dir: str  # locked while it runs; checkpoints in out_dir/checkpoints
+    unit: str  # "epoch" or "step": the checkpoint names and the MLflow step
+    length: str  # the run-length param (in `section`)
+    champion: Champion
+    extendable: bool = True  # False when the schedule is built on the length: then it is in the fingerprint
+    # save_pretrained directories (the weights are published for later stages) rather than .pt files
+    directory_checkpoints: bool = False
+    also_not_trajectory: tuple[str, ...] = ()  # more keys of `section` that do not change the trajectory
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # the dvc.yaml stage
+    verb: str  # labpipe <verb>
+    entry: str  # "module:function", called with the Params
+    help: str
+    reads: tuple[str, ...]  # the params sections it reads
+    training: Training | None = None
+
+    @property
+    def module(self) -> str:
+        return self.entry.partition(":")[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Line:
+    name: str
+    experiment: str  # the MLflow experiment of every stage of the line
+    sections: dict[str, str]  # params section -> "module:DataclassName"
+    stages: tuple[Stage, ...]
+
+
+LINES = (
+    Line("mheight", "mheight-grokking",
+         {"mheight": "labpipe.config:MHeightParams", "grok": "labpipe.config:GrokParams"}, (
+             Stage("mheight_data", "mheight-data", "labpipe.mheight.data:run_data",
+                   "exact m-heights per (n,k,m) group (stage mheight_data)", ("mheight",)),
+             Stage("mheight_subsample", "mheight-subsample", "labpipe.mheight.data:run_subsample",
+                   "balanced train/val subsamples per group", ("mheight",)),
+             Stage("grok_train", "grok-train", "labpipe.grok.train:run_train",
+                   "train the m-height regressor with AdamW (stage grok_train)", ("grok",),
+                   Training("grok", "artifacts/grok", "epoch", "epochs",
+                            Champion("mheight-regressor", "val_loss", lower_is_better=True))),
+         )),
+    Line("icl", "in-context-language-learning",
+         {"text": "labpipe.config:TextParams", "hmm": "labpipe.config:HMMParams",
+          "synth": "labpipe.config:SynthParams", "lm": "labpipe.config:LMParams"}, (
+             Stage("corpus", "corpus", "labpipe.text.stages:run_corpus",
+                   "stories of the train and test splits as text (stage corpus)", ("text",)),
+             Stage("tokenize", "tokenize", "labpipe.text.stages:run_tokenize",
+                   "word-level top-K token files (stage tokenize)", ("text",)),
+             Stage("hmm_train", "hmm-train", "labpipe.hmm.train:run_train",
+                   "fit an HMM by minibatch EM (stage hmm_train)", ("hmm",),
+                   Training("hmm", "artifacts/hmm", "epoch", "epochs",
+                            Champion("hmm-K{hmm.vocab_size}", "heldout_ll_per_token", lower_is_better=False))),
+             Stage("hmm_eval", "hmm-eval", "labpipe.hmm.evaluate:run_eval",
+                   "final-token CE and KL vs uniform/unigram/bigram (stage hmm_eval)", ("hmm",)),
+             Stage("synth", "synth", "labpipe.synth.generate:run_synth",
+                   "sample sharded synthetic token datasets from the HMM (stage synth)", ("synth",)),
+             Stage("lm_train", "lm-train", "labpipe.lm.train:run_train",
+                   "train a Llama LM on the synthetic shards (stage lm_train)", ("lm",),
+                   Training("lm", "artifacts/lm", "step", "max_steps",
+                            Champion("lm-synthetic", "val_loss", lower_is_better=True),
+                            directory_checkpoints=True)),
+             Stage("lm_eval", "lm-eval", "labpipe.lm.evaluate:run_eval",
+                   "in-context learning curve: LM vs HMM Bayes loss (stage lm_eval)", ("lm", "hmm")),
+         )),
+    Line("dormancy", "dormant-neurons", {"dormancy": "labpipe.config:DormancyParams"}, (
+        Stage("dormancy", "dormancy", "labpipe.dormancy.analysis:run_dormancy",
+              "dormant neurons across checkpoints, appended to a CSV", ("dormancy",)),
+    )),
+    Line("crosscoder", "crosscoders", {"crosscoder": "labpipe.config:CrosscoderParams"}, (
+        Stage("activations", "activations", "labpipe.crosscoder.buffer:run_activations",
+              "harvest two sources' activations into a buffer", ("crosscoder",)),
+        Stage("crosscoder_train", "crosscoder-train", "labpipe.crosscoder.train:run_train",
+              "train a sparse crosscoder (stage crosscoder_train)", ("crosscoder",),
+              Training("crosscoder", "artifacts/crosscoder", "step", "steps",
+                       Champion("crosscoder", "mean_explained_variance", lower_is_better=False,
+                                band=("l0", "crosscoder.champion_l0_min", "crosscoder.champion_l0_max")),
+                       extendable=False,  # lr decays to 0 at crosscoder.steps
+                       also_not_trajectory=("eval_rows", "champion_l0_min", "champion_l0_max"))),
+    )),
+)
+
+STAGES = {stage.name: stage for line in LINES for stage in line.stages}
+
+
+def stage(name: str) -> Stage:
+    """A stage by its dvc.yaml name or its verb; KeyError listing the stages otherwise."""
+    for candidate in STAGES.values():
+        if name in (candidate.name, candidate.verb):
+            return candidate
+    raise KeyError(f"unknown stage {name!r}: the stages are {', '.join(STAGES)}")
+
+
+def line_of(stage_name: str) -> Line:
+    return next(line for line in LINES if any(s.name == stage_name for s in line.stages))
+
+
+def resolve(target: str):
+    """The object named by "module:attribute"."""
+    import importlib
+
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
