@@ -211,8 +211,9 @@ class TrainingRun(contextlib.AbstractContextManager):
             self._exit.enter_context(output_lock(self.out_dir, self.stage.name))
             self.checkpoints = Checkpoints(self.out_dir / "checkpoints", self.spec.unit, self.spec.directory_checkpoints,
                                            self.section.keep_checkpoints)
-            self.checkpoints.adopt(self.fingerprint_, {"stage": self.stage.name, "params": self.trajectory_params(),
-                                                      "inputs": [str(p) for p in self._inputs]})
+            record = {"stage": self.stage.name, "params": self.trajectory_params(),
+                      "inputs": [str(p) for p in self._inputs]}
+            self.checkpoints.adopt(self.fingerprint_, record)
             found = self.checkpoints.load_newest(self.fingerprint_)
             if found is not None:
                 self._restore(*found)
