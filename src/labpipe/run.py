@@ -209,8 +209,8 @@ class TrainingRun(contextlib.AbstractContextManager):
             loaded = [load_weights(source, key) for source, key in zip(sources, keys, strict=True)]
             self.fingerprint_ = self.fingerprint(self._inputs, [weights_digest(w) for w in loaded])
             self._exit.enter_context(output_lock(self.out_dir, self.stage.name))
-            self.checkpoints = Checkpoints(self.out_dir / "checkpoints", self.spec.unit, self.spec.directory_checkpoints,
-                                           self.section.keep_checkpoints)
+            self.checkpoints = Checkpoints(self.out_dir / "checkpoints", self.spec.unit,
+                                           self.spec.directory_checkpoints, self.section.keep_checkpoints)
             record = {"stage": self.stage.name, "params": self.trajectory_params(),
                       "inputs": [str(p) for p in self._inputs]}
             self.checkpoints.adopt(self.fingerprint_, record)
