@@ -18,7 +18,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 from conftest import write_params
 from labpipe.config import load_params
 from labpipe.dormancy import plots
-from labpipe.dormancy.analysis import COLUMNS, run_dormancy
+from labpipe.dormancy.analysis import run_dormancy
+from labpipe.dormancy.results import COLUMNS
 from labpipe.synth.manifest import MANIFEST, Shard, write_manifest
 
 WORDS = "the a dog cat ran sat on mat . big small red".split()

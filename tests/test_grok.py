@@ -174,3 +174,52 @@ def test_the_device_resident_gpu_path_matches_the_cpu_path(project):
         run_train(load_params("params.yaml", [f"grok.device={device}"]))
         results[device] = json.loads((OUT_DIR / "metrics.json").read_text())["final_train_loss"]
     assert results["cuda"] == pytest.approx(results["cpu"], rel=1e-3)
+
+
+def _entered_weights(overrides: list[str]) -> tuple[torch.nn.Module, str]:
+    """The model as a new grok_train run starts it (the driver loads init_from / init_experts_from), and the
+    MLflow run id; no epoch is trained."""
+    from labpipe.grok.models import build_model
+    from labpipe.grok.train import init_weights
+    from labpipe.run import TrainingRun
+
+    params = load_params("params.yaml", overrides)
+    layout = make_layout(pd.read_parquet(TRAIN))
+    model = build_model(params.grok, layout.dim, len(layout.groups))
+    with TrainingRun("grok_train", params, [TRAIN, VAL], {"model": model},
+                     init=lambda loaded: init_weights(model, params.grok, loaded)) as run:
+        return model, run.state.run_id
+
+
+def test_a_moe_starts_from_pretrained_resnet_experts_exactly(project):
+    from labpipe.grok.train import run_train
+
+    directory, repo_params = project
+    make_grok_project(directory, repo_params, epochs=3, val_every=3, checkpoint_every=3)
+    experts = []
+    for seed in (0, 1):
+        run_train(load_params("params.yaml", [f"grok.seed={seed}"]))
+        experts.append(directory / f"expert_{seed}.pt")
+        experts[-1].write_bytes((OUT_DIR / "model.pt").read_bytes())
+    moe, run_id = _entered_weights(["grok.model=moe", "grok.experts=2", "grok.top_k=2",
+                                    f"grok.init_experts_from={json.dumps([str(p) for p in experts])}"])
+    for expert, path in zip(moe.experts, experts, strict=True):
+        saved = torch.load(path, weights_only=False)["model"]
+        assert all(torch.equal(saved[name], tensor) for name, tensor in expert.state_dict().items())
+    assert MlflowClient().get_run(run_id).data.tags["labpipe.init_from"] == ", ".join(map(str, experts))
+
+
+def test_fine_tuning_starts_from_the_registered_champion_and_a_bad_source_is_one_line(project):
+    from labpipe.errors import InputError
+    from labpipe.grok.train import run_train
+
+    directory, repo_params = project
+    make_grok_project(directory, repo_params, epochs=3, val_every=3, checkpoint_every=3)
+    run_train(load_params("params.yaml"))
+    champion = torch.load(OUT_DIR / "model.pt", weights_only=False)["model"]  # the registered best weights
+    model, _ = _entered_weights(["grok.init_from=models:/mheight-regressor@champion", "grok.lr=0.01"])
+    assert all(torch.equal(champion[name], tensor) for name, tensor in model.state_dict().items())
+    with pytest.raises(InputError, match=r"grok.init_from=missing.pt: cannot load weights"):
+        _entered_weights(["grok.init_from=missing.pt"])
+    with pytest.raises(InputError, match=r"grok.init_from=.*: the weights do not fit the model"):
+        _entered_weights([f"grok.init_from={OUT_DIR / 'model.pt'}", "grok.width=8"])

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
 
     raw, params_check = read_params(Path(args.params))
     try:
-        sections = stage_sections(args.stage, Path("dvc.yaml")) if args.stage else None
+        sections = stage_sections(args.stage) if args.stage else None
     except ValueError as error:
         print(f"labpipe doctor: error: {error}", file=sys.stderr)
         return 2
@@ -183,16 +183,14 @@ def read_params(path: Path) -> tuple[dict, Check]:
     return raw, Check("params", OK, f"{path} valid", {"path": str(path)})
 
 
-def stage_sections(stage: str, dvc_yaml: Path) -> set[str]:
-    """The params sections a dvc.yaml stage depends on; `stage` is its name or the labpipe verb it runs."""
-    stages = (parse_yaml(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.exists() else {}
-    for name, spec in stages.items():
-        if stage == name or str(spec.get("cmd", "")).split()[:2] == ["labpipe", stage]:
-            keys = []
-            for entry in spec.get("params", []):  # "grok", "mheight.seed", or {params file: [keys]}
-                keys += [entry] if isinstance(entry, str) else [key for listed in entry.values() for key in listed]
-            return {key.split(".")[0] for key in keys}
-    raise InputError(f"unknown stage {stage!r}: {dvc_yaml} has {', '.join(stages) or 'no stages'}")
+def stage_sections(stage: str) -> set[str]:
+    """The params sections a stage reads (registry.py); `stage` is its dvc.yaml name or its labpipe verb."""
+    from labpipe import registry
+
+    try:
+        return set(registry.stage(stage).reads)
+    except KeyError as error:
+        raise InputError(error.args[0]) from None
 
 
 # ----------------------------------------------------------------------------- MLflow

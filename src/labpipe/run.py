@@ -220,7 +220,7 @@ class TrainingRun(contextlib.AbstractContextManager):
             elif loaded:
                 self._init(loaded)
             self._tracker = self._exit.enter_context(stage_run(
-                self.params.tracking, self.line.experiment, self.stage.name,
+                self.params.tracking, self.stage.name,
                 flatten(self.section, f"{self.spec.section}."), self.state.run_id))
             self._tag_run(sources)
         except BaseException:

@@ -101,12 +101,16 @@ def run_exists(run_id: str | None) -> bool:
 @contextlib.contextmanager
 def stage_run(
     tracking: TrackingParams,
-    line: str,
     stage: str,
     params: Mapping[str, Any],
     resume_run_id: str | None = None,
 ) -> Iterator[StageRun]:
-    """Open (or resume, after a kill) the MLflow run of `stage` in the experiment of research `line`."""
+    """Open (or resume, after a kill) the MLflow run of `stage` in the experiment of its research line."""
+    from labpipe.registry import line_of
+
+    if isinstance(params, str):  # TEMPORARY: old call style (tracking, line, stage, params)
+        stage, params, resume_run_id = params, resume_run_id, None
+    line = line_of(stage).experiment
     mlflow.set_tracking_uri(tracking_uri())
     resume = resume_run_id if run_exists(resume_run_id) else None
     dvc_experiment = os.environ.get("DVC_EXP_NAME")

@@ -56,13 +56,13 @@ from tqdm import tqdm
 
 from labpipe.config import DormancyParams, Params, flatten
 from labpipe.device import resolve_device
+from labpipe.dormancy.results import append_rows, read_results
 from labpipe.errors import InputError
-from labpipe.files import atomic_path, write_json
+from labpipe.files import write_json
 from labpipe.text.corpus import HUB_NAME, load_stories
 
-LINE = "dormant-neurons"  # the MLflow experiment
-COLUMNS = ["timestamp", "model", "revision", "step", "threshold", "layer_name", "layer_index", "num_neurons",
-           "num_dormant", "pct_dormant", "avg_activation", "max_activation"]
+Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), both (batch, length)
+
 # model_type -> (the decoder layers, the module inside each layer, which side of that module is h)
 HOOK_POINTS = {
     "gpt_neox": ("gpt_neox.layers", "mlp.act", "output"),
@@ -71,8 +71,6 @@ HOOK_POINTS = {
     "qwen2": ("model.layers", "mlp.down_proj", "input"),
 }
 STEP_DIR = re.compile(r"step_?\d+")  # lm_train's step_00000050, or step1000 for hub revisions saved locally
-
-Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), both (batch, length)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -289,30 +287,6 @@ def revision_rows(d: DormancyParams, revision: Revision, layers: list[LayerStats
     return rows
 
 
-# ----------------------------------------------------------------------------- the CSV
-
-
-def read_results(path: str | Path) -> pd.DataFrame:
-    """The CSV, or an empty frame; ValueError when its columns are not exactly COLUMNS."""
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return pd.DataFrame(columns=COLUMNS)
-    # Names as strings even when they look like numbers (a revision that is a commit hash of digits)
-    frame = pd.read_csv(path, dtype={"model": str, "revision": str, "layer_name": str})
-    if list(frame.columns) != COLUMNS:
-        raise InputError(f"{path} has columns {list(frame.columns)}, not {COLUMNS}: refusing to append to it "
-                         "(choose another output CSV)")
-    return frame
-
-
-def append_rows(path: str | Path, rows: list[dict]) -> None:
-    """The old rows plus the new ones, the whole file rewritten atomically: readers never see half a revision."""
-    old, new = read_results(path), pd.DataFrame(rows, columns=COLUMNS)
-    frame = new if old.empty else pd.concat([old, new], ignore_index=True)
-    with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
-
-
 def check_text_settings(d: DormancyParams) -> None:
     """ValueError when the CSV holds rows made from other text than d asks for; else record d's settings."""
     settings = {key: getattr(d, key) for key in ("text_source", "text_split", "text_field", "samples", "max_length")}
@@ -355,12 +329,12 @@ def run_dormancy(params: Params) -> None:
 
 def track(params: Params, results: pd.DataFrame) -> None:
     """% dormant per layer (and the mean over layers) as MLflow metrics at step = training step; the plots."""
-    from labpipe.dormancy.plots import save_plots
+    from labpipe.dormancy.plots import save_plots  # plots read results.py, not this module: no cycle
     from labpipe.tracking import stage_run
 
     d = params.dormancy
     plot_dir = Path(d.output_csv).parent / "plots"
-    with stage_run(params.tracking, LINE, "dormancy", flatten(d, "dormancy.")) as run:
+    with stage_run(params.tracking, "dormancy", flatten(d, "dormancy.")) as run:
         for step, at_step in results.groupby("step"):
             metrics = {}
             for threshold, rows in at_step.groupby("threshold"):

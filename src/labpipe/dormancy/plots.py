@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from labpipe.dormancy.analysis import read_results
+from labpipe.dormancy.results import read_results
 from labpipe.errors import InputError
 
 PLOTS = ("dormancy_over_steps.png", "dormancy_heatmap.png", "layer_evolution.png")

@@ -35,7 +35,6 @@ from labpipe.hmm.model import HMM
 from labpipe.hmm.train import OUT_DIR as TRAIN_DIR
 from labpipe.hmm.train import read_sequences
 from labpipe.plotting import pyplot, save_figure
-from labpipe.text.stages import LINE
 
 OUT_DIR = Path("artifacts/hmm/eval")
 STRATEGIES = ("hmm", "uniform", "unigram", "bigram")
@@ -166,7 +165,7 @@ def run_eval(params: Params) -> None:
         result.position_ce.to_csv(tmp, index=False)
     plot_position_ce(result.position_ce, OUT_DIR / "per_position_ce.png", f"H={hmm.n_states}, K={h.vocab_size}")
 
-    with stage_run(params.tracking, LINE, "hmm_eval", flatten(h, "hmm.")) as run:
+    with stage_run(params.tracking, "hmm_eval", flatten(h, "hmm.")) as run:
         metrics = {f"final_ce/{subset}/{name}": value for subset, row in summary["final_token_ce"].items()
                    for name, value in row.items() if value is not None}
         metrics |= {f"kl_from_hmm/{subset}/{name}": value for subset, row in summary["kl_from_hmm"].items()

@@ -38,7 +38,6 @@ from labpipe.lm.data import ShardDataset
 from labpipe.lm.train import MODEL_DIR, open_data, shards_of_rows, validation_rows, verify_shards
 from labpipe.plotting import pyplot, save_figure
 from labpipe.synth.manifest import Manifest, Shard, permuted_hmm
-from labpipe.text.stages import LINE
 
 OUT_DIR = Path("artifacts/lm/eval")
 CURVES = ("lm", "bayes", "unigram", "bigram")
@@ -152,7 +151,7 @@ def run_eval(params: Params) -> None:
              + (", permuted emissions" if manifest.permute_emissions else ""))
     plot_curve(curve, OUT_DIR / "icl_curve.png", title)
 
-    with stage_run(params.tracking, LINE, "lm_eval", {**flatten(lm, "lm."), "hmm.eps": params.hmm.eps}) as run:
+    with stage_run(params.tracking, "lm_eval", {**flatten(lm, "lm."), "hmm.eps": params.hmm.eps}) as run:
         run.set_tags({"manifest": str(manifest.path), "model": str(MODEL_DIR)})
         run.log_metrics(metrics, step=0)
         for row in curve.itertuples():

@@ -20,11 +20,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from labpipe.config import MHeightParams, Params, flatten
+from labpipe.device import resolve_device
 from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
 from labpipe.mheight.exact import m_heights_batch
 
-LINE = "mheight-grokking"  # MLflow experiment of the research line
 OUT_DIR = Path("artifacts/mheight")
 DATASET = OUT_DIR / "dataset.parquet"
 TRAIN = OUT_DIR / "train.parquet"
@@ -52,7 +52,7 @@ def groups(params: MHeightParams) -> list[tuple[int, int, int]]:
 
 
 def _generate_task(task: tuple) -> tuple[int, np.ndarray, np.ndarray]:
-    group_index, chunk_index, (n, k, m), count, params = task
+    group_index, chunk_index, (n, k, m), count, params, device = task
     # One seed per (group, chunk): the dataset depends on params.seed only, not on how it was split.
     rng = np.random.default_rng([params.seed, group_index, chunk_index])
     shape = (count, k, n - k)
@@ -62,7 +62,7 @@ def _generate_task(task: tuple) -> tuple[int, np.ndarray, np.ndarray]:
     else:
         P = rng.uniform(-params.p_max, params.p_max, size=shape)
     G = np.concatenate([np.broadcast_to(np.eye(k), (count, k, k)), P], axis=2)  # [I_k | P] for every code
-    heights = m_heights_batch(G, device=params.device)[:, m]
+    heights = m_heights_batch(G, device=device)[:, m]
     return group_index, P.reshape(count, -1), heights
 
 
@@ -73,16 +73,19 @@ def _init_worker() -> None:
 
 
 def generate(params: MHeightParams) -> pd.DataFrame:
-    """samples_per_group random codes per group with exact heights, in `params.workers` processes."""
+    """samples_per_group random codes per group with exact heights: on a GPU in this process, on the CPU in
+    `params.workers` processes. The device is resolved here, once: under `device: auto` a spawned worker
+    would otherwise pick CUDA for itself, each opening its own CUDA context."""
+    device = str(resolve_device(params.device))
     group_list = groups(params)
     tasks = []
     for group_index, group in enumerate(group_list):
         for chunk_index, start in enumerate(range(0, params.samples_per_group, CODES_PER_TASK)):
             count = min(CODES_PER_TASK, params.samples_per_group - start)
-            tasks.append((group_index, chunk_index, group, count, params))
+            tasks.append((group_index, chunk_index, group, count, params, device))
     results: dict[int, list] = {i: [] for i in range(len(group_list))}
     with tqdm(total=len(group_list) * params.samples_per_group, desc="exact m-heights", unit="code") as bar:
-        if params.workers > 1 and params.device in ("cpu", "auto"):
+        if params.workers > 1 and device == "cpu":
             ctx = multiprocessing.get_context("spawn")  # fork after torch is imported is unsafe
             with ctx.Pool(params.workers, initializer=_init_worker) as pool:
                 for group_index, P, heights in pool.imap(_generate_task, tasks):
@@ -181,7 +184,7 @@ def run_data(params: Params) -> None:
     use_pickles = p.source == "pickles" or (p.source == "auto" and pickles)
     if p.source == "pickles" and not pickles:
         raise InputError(f"mheight.source=pickles but {p.import_dir} holds no *.pkl files")
-    with stage_run(params.tracking, LINE, "mheight_data", flatten(params.mheight, "mheight.")) as run:
+    with stage_run(params.tracking, "mheight_data", flatten(params.mheight, "mheight.")) as run:
         start = time.perf_counter()
         frame = import_pickles(pickles) if use_pickles else generate(p)
         seconds = time.perf_counter() - start
@@ -223,7 +226,7 @@ def run_subsample(params: Params) -> None:
     p = params.mheight
     keys = {k: v for k, v in flatten(p, "mheight.").items()
             if k in ("mheight.seed", "mheight.train_per_group", "mheight.val_per_group")}
-    with stage_run(params.tracking, LINE, "mheight_subsample", keys) as run:
+    with stage_run(params.tracking, "mheight_subsample", keys) as run:
         train, val = subsample(read_dataset(DATASET), p.train_per_group, p.val_per_group, p.seed)
         write_dataset(train, TRAIN)
         write_dataset(val, VAL)

@@ -54,7 +54,6 @@ from labpipe.synth.manifest import (
     token_dtype,
     write_manifest,
 )
-from labpipe.text.stages import LINE
 
 SPLITS = ("train", "val")  # the split's position is part of its shards' seeds
 SAMPLER_VERSION = 1  # part of params_sha256: bump it when the same seeds start giving other bytes
@@ -345,7 +344,7 @@ def run_synth(params: Params) -> None:
     spec = ShardSpec(start_distribution(hmm, s.start), hmm.transition.numpy(), hmm.emission.numpy(), s.seq_length,
                      s.block_sequences, out_dir)
 
-    with stage_run(params.tracking, LINE, "synth", flatten(s, "synth.")) as run:
+    with stage_run(params.tracking, "synth", flatten(s, "synth.")) as run:
         total = sum(shard.tokens for shard in planned)
         bar = tqdm(total=total, initial=total - sum(shard.tokens for shard in todo), desc="synth", unit="tok",
                    unit_scale=True)

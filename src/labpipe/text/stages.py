@@ -41,7 +41,7 @@ def run_corpus(params: Params) -> None:
     from labpipe.tracking import stage_run
 
     t = params.text
-    with stage_run(params.tracking, LINE, "corpus", flatten(t, "text.")) as run:
+    with stage_run(params.tracking, "corpus", flatten(t, "text.")) as run:
         counts = {split: _write_split(t, split, dataset_split)
                   for split, dataset_split in zip(SPLITS, (t.train_split, t.test_split), strict=True)}
         run.log_metrics({f"{split}_stories": count for split, count in counts.items()}, step=0)
@@ -88,7 +88,7 @@ def run_tokenize(params: Params) -> None:
                        for k in ks}
                for split, stats in (("train", train_stats), ("test", test_stats))}
     write_json(TOKEN_STATS, summary)
-    with stage_run(params.tracking, LINE, "tokenize", {"text.vocab_sizes": list(ks)}) as run:
+    with stage_run(params.tracking, "tokenize", {"text.vocab_sizes": list(ks)}) as run:
         run.log_metrics({f"{split}_K{k}_{key}": summary[split][f"K{k}"][key] for split in SPLITS for k in ks
                          for key in ("sentences_kept", "kept_fraction", "tokens", "unique_sentences")}, step=0)
         run.log_outputs([TOKENS_DIR, TOKEN_STATS])
