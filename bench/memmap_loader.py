@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from labpipe.config import load_params  # noqa: E402
 from labpipe.files import sha256_file  # noqa: E402
 from labpipe.lm.data import ShardDataset, training_batches  # noqa: E402
-from labpipe.lm.train import ADAM_BETAS, build_model, causal_lm_loss, parameter_groups  # noqa: E402
+from labpipe.lm.train import build_model, causal_lm_loss, parameter_groups  # noqa: E402
 from labpipe.synth.manifest import Shard, load_manifest, write_manifest  # noqa: E402
 
 VOCAB = 100  # the default HMM's vocabulary (hmm.vocab_size)
@@ -60,7 +60,8 @@ def model_steps_per_second(lm, batch: torch.Tensor, steps: int) -> float:
     """The stage's step on CPU: forward with labels, backward, clip, AdamW."""
     torch.manual_seed(0)
     model = build_model(lm, VOCAB)
-    optimizer = torch.optim.AdamW(parameter_groups(model, lm.weight_decay), lr=lm.lr, betas=ADAM_BETAS)
+    optimizer = torch.optim.AdamW(parameter_groups(model, lm.weight_decay), lr=lm.lr,
+                                  betas=(lm.adam_beta1, lm.adam_beta2))
 
     def step() -> None:
         loss = causal_lm_loss(model, batch)

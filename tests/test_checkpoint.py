@@ -3,33 +3,69 @@ import os
 import pytest
 import torch
 
-from labpipe import checkpoint
-from labpipe.files import atomic_dir, atomic_path, write_json
+from labpipe.checkpoint import Checkpoints
+from labpipe.files import atomic_dir, atomic_path, save_torch, write_json
 
 
-def test_latest_orders_by_number_not_by_text(tmp_path):
+def test_checkpoints_are_ordered_by_number_and_the_newest_keep_are_kept(tmp_path):
+    store = Checkpoints(tmp_path, "epoch", keep=2)
     for epoch in (2, 10, 9):
-        checkpoint.save(tmp_path, epoch, {"epoch": epoch})
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [
-        "epoch_00000002.pt", "epoch_00000009.pt", "epoch_00000010.pt"]
-    assert checkpoint.load(checkpoint.latest(tmp_path))["epoch"] == 10
-    assert checkpoint.latest(tmp_path / "missing") is None
+        store.save(epoch, {"epoch": epoch, "fingerprint": "f"})
+    assert [p.name for p in store.all()] == ["epoch_00000009.pt", "epoch_00000010.pt"]
+    assert store.load_newest("f")[1]["epoch"] == 10
+    assert Checkpoints(tmp_path / "missing", "epoch").all() == []
 
 
 def test_round_trip_keeps_tensors_and_rng_state(tmp_path):
     generator = torch.Generator().manual_seed(3)
-    state = {"w": torch.randn(3, 2), "rng": generator.get_state(), "history": [{"loss": 0.5}]}
-    restored = checkpoint.load(checkpoint.save(tmp_path, 1, state))
+    state = {"w": torch.randn(3, 2), "rng": generator.get_state(), "history": [{"loss": 0.5}], "fingerprint": "f"}
+    Checkpoints(tmp_path, "step").save(1, state)
+    restored = Checkpoints(tmp_path, "step").load_newest("f")[1]
     assert torch.equal(restored["w"], state["w"]) and restored["history"] == state["history"]
     resumed = torch.Generator()
     resumed.set_state(restored["rng"])
     assert torch.equal(torch.randperm(10, generator=resumed), torch.randperm(10, generator=generator))
 
 
-def test_keep_prunes_the_oldest(tmp_path):
-    for epoch in range(1, 6):
-        checkpoint.save(tmp_path, epoch, {"epoch": epoch}, keep=2)
-    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["epoch_00000004.pt", "epoch_00000005.pt"]
+def test_equal_weights_make_equal_files_whatever_the_temp_name(tmp_path):
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    save_torch(state, tmp_path / "a.pt")
+    save_torch(state, tmp_path / "other_name.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other_name.pt").read_bytes()
+
+
+def test_another_fingerprint_moves_checkpoints_aside_and_back(tmp_path, capsys):
+    store = Checkpoints(tmp_path, "epoch")
+    store.adopt("one", {})
+    store.save(1, {"fingerprint": "one"})
+    before = (tmp_path / "epoch_00000001.pt").read_bytes()
+    store.adopt("two", {})
+    assert store.all() == [] and (tmp_path / "superseded/one/epoch_00000001.pt").read_bytes() == before
+    assert "moved to" in capsys.readouterr().err
+    store.save(1, {"fingerprint": "two"})
+    store.adopt("one", {})  # the first trajectory is back, the second aside
+    assert store.load_newest("one")[1]["fingerprint"] == "one"
+    assert (tmp_path / "superseded/two/epoch_00000001.pt").exists() and not (tmp_path / "superseded/one").exists()
+
+
+def test_an_unreadable_newest_checkpoint_is_moved_aside_and_the_previous_used(tmp_path, capsys):
+    store = Checkpoints(tmp_path, "epoch")
+    store.save(1, {"fingerprint": "f", "n": 1})
+    store.save(2, {"fingerprint": "f", "n": 2})
+    (tmp_path / "epoch_00000002.pt").write_bytes(b"\x00garbage")
+    path, state = store.load_newest("f")
+    assert path.name == "epoch_00000001.pt" and state["n"] == 1
+    assert (tmp_path / "unreadable/epoch_00000002.pt").exists() and "epoch_00000002.pt is unreadable" in \
+        capsys.readouterr().err
+
+
+def test_directory_checkpoints_keep_the_resume_state_in_the_newest_two_only(tmp_path):
+    store = Checkpoints(tmp_path, "step", directories=True)
+    for step in (1, 2, 3):
+        store.save(step, {"fingerprint": "f"}, publish=lambda d: (d / "config.json").write_text("{}"))
+    assert [p.name for p in store.all()] == ["step_00000001", "step_00000002", "step_00000003"]
+    assert [p.name for p in store.resumable()] == ["step_00000002", "step_00000003"]
+    assert all((p / "config.json").exists() for p in store.all())  # the published weights stay
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_debris(tmp_path):
@@ -43,9 +79,9 @@ def test_a_failed_write_leaves_the_previous_file_and_no_debris(tmp_path):
 
 
 def test_temp_files_of_a_killed_write_are_not_checkpoints(tmp_path):
-    checkpoint.save(tmp_path, 1, {"epoch": 1})
+    Checkpoints(tmp_path, "epoch").save(1, {"epoch": 1})
     (tmp_path / ".epoch_00000002.pt.abc.tmp").write_bytes(b"partial")
-    assert checkpoint.latest(tmp_path).name == "epoch_00000001.pt"
+    assert [p.name for p in Checkpoints(tmp_path, "epoch").all()] == ["epoch_00000001.pt"]
 
 
 def test_atomic_dir_appears_whole_or_not_at_all(tmp_path):

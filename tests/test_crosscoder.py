@@ -1,13 +1,13 @@
 """Crosscoder line: loss, init and metrics against hand and numpy computations; the activation buffer (atomic
 write, normalization, every row once per epoch with workers); the harvest from two tiny Llamas against their
-forward pass; training on a planted dictionary; SIGKILL + resume; the dec_init_norm sweep plot."""
+forward pass; training on a planted dictionary; init_from; the champion's L0 band; the dec_init_norm sweep plot.
+Kill-and-resume and the rest of the run lifecycle: test_lifecycle.py, with make_crosscoder_project."""
 
+import copy
 import json
 import math
 import pickle
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,13 +19,13 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import write_params
-from labpipe import checkpoint
+from labpipe.checkpoint import SUPERSEDED, Checkpoints
 from labpipe.cli import main as cli
 from labpipe.config import CrosscoderParams, build, flatten, load_params
 from labpipe.crosscoder.buffer import DATA, ActivationBuffer, BatchStream, ShuffledBatches, write_buffer
 from labpipe.crosscoder.metrics import DeadLatents, activity, batch_metrics, explained_variance
 from labpipe.crosscoder.model import Crosscoder, load_crosscoder
-from labpipe.crosscoder.train import CHECKPOINTS, OUT_DIR, l1_coef_at, lr_at, plot_sweep
+from labpipe.crosscoder.train import OUT_DIR, l1_coef_at, lr_at, plot_sweep
 from labpipe.files import sha256_file
 
 
@@ -403,6 +403,7 @@ def test_training_recovers_a_planted_dictionary_and_registers_a_champion(project
 
     metrics = json.loads((OUT_DIR / "metrics.json").read_text())
     assert metrics["eval_rows"] == 8192 and metrics["in_l0_band"] and 4 <= metrics["l0"] <= 10
+    assert metrics["l0_band"] == [4.0, 64.0] and metrics["steps"] == 500
     rows = buffer.to_float(torch.from_numpy(np.array(buffer.array()).view(np.int16)), buffer.scale_vector())
     with torch.no_grad():
         f, x_hat = (t.double().numpy() for t in model(rows))
@@ -420,6 +421,10 @@ def test_training_recovers_a_planted_dictionary_and_registers_a_champion(project
     assert list(history.step) == list(range(50, 501, 50))
     assert set(seed_names + ["loss", "mse", "l1", "l0", "lr", "lambda", "grad_norm"]) <= set(history.columns)
     assert (OUT_DIR / "plots" / "training.png").stat().st_size > 0
+    assert [p.name for p in Checkpoints(OUT_DIR / "checkpoints", "step").all()] == [  # keep_checkpoints: 2
+        "step_00000250.pt", "step_00000500.pt"]
+    assert sorted(p.name for p in OUT_DIR.iterdir()) == ["checkpoints", "history.csv", "metrics.json", "model.pt",
+                                                         "plots"]  # nothing staged left, no lock
 
     client = MlflowClient()
     champion = client.get_model_version_by_alias("crosscoder", "champion")
@@ -439,53 +444,102 @@ def test_training_without_a_buffer_is_a_clear_error(project, capsys):
     assert "no activation buffer at nowhere: run the activations stage first" in capsys.readouterr().err
 
 
-KILL_AT_STEP_45 = """
-import os, signal, sys
-import torch
-import labpipe.crosscoder.train as train
-torch.set_num_threads(1)  # as the test process
-real, calls = train.train_step, []
-
-def train_step(*args):
-    calls.append(1)
-    if len(calls) == 45:  # mid-way between the checkpoints of steps 40 and 60
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args)
-
-train.train_step = train_step
-from labpipe.cli import main
-sys.exit(main(["crosscoder-train"]))
-"""
+def make_crosscoder_project(directory: Path, repo_params: dict, **crosscoder_overrides) -> None:
+    """A project in `directory` that `python -m labpipe crosscoder-train` trains in a few seconds: an activation
+    buffer of planted sparse rows written directly (no harvest) and params.yaml with tiny sizes, 40 steps, a
+    checkpoint every 5, all kept, then `crosscoder_overrides`. Every L0 is a champion candidate (the band is
+    [0, dict_size]). MLflow: $MLFLOW_TRACKING_URI. The cwd is left as it was (absolute paths only)."""
+    x, _ = _planted(8192, 32, 32, n_true=48, active=4)
+    _write(directory / "buffer", x, 32)
+    params = copy.deepcopy(repo_params)
+    params["crosscoder"].update({
+        **PLANTED, "dict_size": 256, "batch_size": 512, "l1_warmup_steps": 10, "lr_warmup_steps": 5,
+        "dead_window": 4096, "eval_rows": 4096, "champion_l0_min": 0.0, "steps": 40,
+        "checkpoint_every": 5, "keep_checkpoints": 100, "log_every": 5, "num_workers": 0, "device": "cpu",
+        "champion_l0_max": float(crosscoder_overrides.get("dict_size", 256)), **crosscoder_overrides})
+    write_params(directory, params)
 
 
-def test_a_killed_training_resumes_to_the_same_weights_in_the_same_run(project, capsys):
+def _run_of(directory: Path) -> str:
+    """The MLflow run id in the newest checkpoint."""
+    newest = Checkpoints(directory / OUT_DIR / "checkpoints", "step").all()[-1]
+    return torch.load(newest, weights_only=False)["state"]["run_id"]
+
+
+def test_init_from_a_previous_model_starts_from_exactly_its_weights(project, monkeypatch, capsys):
+    import labpipe.crosscoder.train as train
+
     directory, repo_params = project
-    x, _ = _planted(2048, 8, 8, n_true=12, active=3)
-    _write(directory / "buffer", x, 8)
-    _crosscoder_params(directory, repo_params, **PLANTED, steps=60, log_every=10, checkpoint_every=20,
-                       dead_window=1024)
-    assert cli(["crosscoder-train"]) == 0
-    reference = torch.load(OUT_DIR / "model.pt", weights_only=False)["model"]
-    reference_history = pd.read_csv(OUT_DIR / "history.csv")
-    shutil.rmtree(OUT_DIR)
+    make_crosscoder_project(directory, repo_params, steps=10, dict_size=64, batch_size=256)
+    real, starts = train.train_step, []  # the weights each run's first update starts from
 
-    killed = subprocess.run([sys.executable, "-c", KILL_AT_STEP_45], cwd=directory, capture_output=True, text=True,
-                            timeout=300)
-    assert killed.returncode == -9, killed.stderr
-    assert [p.name for p in checkpoint.list_checkpoints(CHECKPOINTS)] == ["step_00000020.pt", "step_00000040.pt"]
-    run_id = checkpoint.load(CHECKPOINTS / "step_00000040.pt")["state"]["run_id"]
-    capsys.readouterr()
-    assert cli(["crosscoder-train"]) == 0
-    assert "resuming from artifacts/crosscoder/checkpoints/step_00000040.pt" in capsys.readouterr().out
+    def train_step(model, optimizer, x, lr, l1_coef, c):
+        if not optimizer.state:  # Adam has not stepped yet: the first update of a run
+            starts.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real(model, optimizer, x, lr, l1_coef, c)
 
-    resumed = torch.load(OUT_DIR / "model.pt", weights_only=False)["model"]
-    for name, tensor in reference.items():
-        assert torch.equal(tensor, resumed[name]), name
-    pd.testing.assert_frame_equal(reference_history, pd.read_csv(OUT_DIR / "history.csv"))
-    assert checkpoint.load(CHECKPOINTS / "step_00000060.pt")["state"]["run_id"] == run_id
+    def run(*sets: str) -> dict:
+        assert cli(["crosscoder-train", *(f"--set={s}" for s in sets)]) == 0
+        return torch.load(OUT_DIR / "model.pt", weights_only=False)
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    previous = run()
+    previous_run = _run_of(directory)
+    source = str(OUT_DIR / "model.pt")
+    started = run(f"crosscoder.init_from={source}")
+    assert len(starts) == 2
+    scratch, initial = starts
+    assert set(initial) == set(previous["model"])
+    for name, tensor in previous["model"].items():
+        assert torch.equal(initial[name], tensor), name  # exactly the previous run's final weights
+        assert not torch.equal(scratch[name], tensor), name  # which the seeded init is not
+    assert not all(torch.equal(started["model"][k], v) for k, v in previous["model"].items())  # and it trained
+    assert "moved to" in capsys.readouterr().err  # the init weights are part of the fingerprint: a new trajectory
+
     client = MlflowClient()
-    assert {m.step for m in client.get_metric_history(run_id, "loss")} == {10, 20, 30, 40, 50, 60}
-    assert client.get_run(run_id).info.status == "FINISHED"
+    run_id = _run_of(directory)
+    assert run_id != previous_run
+    assert client.get_run(run_id).data.tags["labpipe.init_from"] == source
+    assert client.get_run(run_id).data.params["crosscoder.init_from"] == source
+    assert "labpipe.init_from" not in client.get_run(previous_run).data.tags
+    assert list(pd.read_csv(OUT_DIR / "history.csv").step) == [5, 10]  # all its steps, from step 1
+
+    torch.save({"model": Crosscoder(32, 32, 16).state_dict()}, "small.pt")
+    assert cli(["crosscoder-train", "--set=crosscoder.init_from=small.pt"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "crosscoder.init_from=small.pt: the weights do not fit the model" in error and "size mismatch" in error
+
+
+def test_a_run_outside_the_l0_band_is_not_registered_and_a_finished_run_reruns_with_zero_steps(project, capsys):
+    directory, repo_params = project
+    make_crosscoder_project(directory, repo_params, steps=10, dict_size=64, batch_size=256,
+                            champion_l0_min=60.0, champion_l0_max=64.0)
+    assert cli(["crosscoder-train"]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((OUT_DIR / "metrics.json").read_text())
+    assert metrics["l0"] < 60 and not metrics["in_l0_band"] and metrics["l0_band"] == [60.0, 64.0]
+    assert "not a champion candidate" in out and "final: explained variance" in out
+    client = MlflowClient()
+    assert client.search_registered_models() == []
+    run_id = _run_of(directory)
+    assert client.get_run(run_id).data.tags["champion"] == "False"
+    weights, history = torch.load(OUT_DIR / "model.pt")["model"], pd.read_csv(OUT_DIR / "history.csv")
+
+    # the band is not part of the trajectory: the finished run is resumed, has no step left, and is a candidate now
+    assert cli(["crosscoder-train", "--set=crosscoder.champion_l0_min=0", "--set=crosscoder.champion_l0_max=64"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming from artifacts/crosscoder/checkpoints/step_00000010.pt (step 10)" in out
+    assert "registered crosscoder v1 as champion" in out
+    for name, tensor in torch.load(OUT_DIR / "model.pt")["model"].items():  # nothing trained: the same weights
+        assert torch.equal(tensor, weights[name]), name
+    pd.testing.assert_frame_equal(pd.read_csv(OUT_DIR / "history.csv"), history)
+    assert json.loads((OUT_DIR / "metrics.json").read_text())["in_l0_band"]
+    assert _run_of(directory) == run_id
+    run = client.get_run(run_id)
+    assert run.data.tags["champion"] == "True" and run.data.tags["labpipe.changed.crosscoder.champion_l0_min"] == (
+        "60.0 -> 0.0")
+    assert client.get_model_version_by_alias("crosscoder", "champion").run_id == run_id
+    assert not (OUT_DIR / "checkpoints" / SUPERSEDED).exists()
 
 
 # ---- the dec_init_norm sweep ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from labpipe.checkpoint import load, save
+from labpipe.checkpoint import Checkpoints, load
 from labpipe.hmm import (
     BACKENDS,
     HMM,
@@ -282,7 +282,7 @@ def test_validate_names_the_tensor_and_the_problem():
 
 def test_state_dict_round_trip_through_a_checkpoint(tmp_path):
     hmm = HMM.random(4, 7, seed=15)
-    path = save(tmp_path, 3, {"hmm": hmm.state_dict()})
+    path = Checkpoints(tmp_path, "epoch").save(3, {"hmm": hmm.state_dict()})
     state = load(path)["hmm"]
     assert sorted(state) == ["emission", "end", "start", "transition"]
     restored = HMM.from_state_dict(state)

@@ -1,8 +1,10 @@
 """Stages corpus -> tokenize -> hmm_train -> hmm_eval, checked against independent computations."""
 
 import collections
+import copy
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -16,15 +18,20 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import write_params
-from labpipe import checkpoint
+from labpipe import checkpoint, registry
+from labpipe.checkpoint import Checkpoints
 from labpipe.config import load_params
+from labpipe.errors import InputError
 from labpipe.files import sha256_file
-from labpipe.hmm import HMM
+from labpipe.hmm import HMM, TorchBackend, em_epoch, pad_batches
 from labpipe.hmm.evaluate import Baselines, evaluate, run_eval
-from labpipe.hmm.train import CHECKPOINTS, OUT_DIR, read_sequences, run_train
+from labpipe.hmm.train import HISTORY_COLUMNS, OUT_DIR, read_sequences, run_train
 from labpipe.text import load_stories, read_token_file
-from labpipe.text.stages import LINE, TOKEN_STATS, corpus_file, run_corpus, run_tokenize, token_dir
+from labpipe.text.stages import TOKEN_STATS, corpus_file, run_corpus, run_tokenize, token_dir
 from test_hmm_core import brute_next_token_probs, random_sequences
+
+CHECKPOINTS = OUT_DIR / "checkpoints"
+EXPERIMENT = registry.line_of("hmm_train").experiment  # in-context-language-learning
 
 # ---- evaluation against brute force and hand counts ----------------------------------------------------------
 
@@ -91,20 +98,33 @@ def test_an_empty_subset_is_reported_as_null_not_nan():
 # ---- the stages on a tiny generated corpus -------------------------------------------------------------------
 
 
-def _hmm_project(directory: Path, repo_params: dict, **hmm) -> None:
-    params = {**repo_params, "text": {**repo_params["text"], "stories": 80, "vocab_sizes": [60, 100]},
-              "hmm": {**repo_params["hmm"], "vocab_size": 100, "hidden_states": 4, "epochs": 3, "batch_size": 32,
-                      "update_freq": 2, "device": "cpu", "checkpoint_every": 1, "keep_checkpoints": 0, **hmm}}
+def make_hmm_project(directory: Path, repo_params: dict, **hmm_overrides) -> None:
+    """A project in `directory` ready for `python -m labpipe hmm-train`: the token files of a tiny generated
+    corpus (the corpus and tokenize stages, run here in `directory`, when they are not there yet) and a
+    params.yaml with sizes that train in seconds: 8 epochs, a checkpoint each, all kept, on the CPU; then
+    `hmm_overrides` on top of the hmm section. MLflow goes to $MLFLOW_TRACKING_URI; the cwd is left as it was."""
+    params = copy.deepcopy(repo_params)
+    params["text"].update({"source": "generate", "stories": 80, "vocab_sizes": [60, 100]})
+    params["hmm"].update({"backend": "torch", "vocab_size": 100, "hidden_states": 4, "seq_length": 0, "epochs": 8,
+                          "batch_size": 32, "update_freq": 2, "init_from": "", "device": "cpu",
+                          "checkpoint_every": 1, "keep_checkpoints": 0, **hmm_overrides})
     write_params(directory, params)
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        if not all((token_dir(split, k) / name).is_file() for split in ("train", "test") for k in (60, 100)
+                   for name in ("tokens.txt", "vocab.json")):
+            text_params = load_params("params.yaml")
+            run_corpus(text_params)
+            run_tokenize(text_params)
+    finally:
+        os.chdir(cwd)
 
 
 @pytest.fixture
 def tokenized(project):
     directory, repo_params = project
-    _hmm_project(directory, repo_params)
-    params = load_params("params.yaml")
-    run_corpus(params)
-    run_tokenize(params)
+    make_hmm_project(directory, repo_params, epochs=3)
     return directory, repo_params
 
 
@@ -187,6 +207,26 @@ def test_hmm_train_logs_every_epoch_keeps_the_best_and_registers_a_champion(toke
     for name in ("train_ll_per_token", "epoch_seconds", "tokens_per_s", "peak_memory_mb"):
         assert name in run.data.metrics
     assert float(champion.tags["metric.heldout_ll_per_token"]) == pytest.approx(metrics["best_heldout_ll_per_token"])
+    assert run.data.tags["labpipe.line"] == "in-context-language-learning" and "labpipe.fingerprint" in run.data.tags
+
+    # one checkpoint per epoch: the HMM, and the run's state (step, MLflow run, history, best)
+    kept = Checkpoints(CHECKPOINTS, "epoch").all()
+    assert [p.name for p in kept] == ["epoch_00000001.pt", "epoch_00000002.pt", "epoch_00000003.pt"]
+    last = checkpoint.load(kept[-1])
+    assert set(last) == {"format", "fingerprint", "state", "parts"} and set(last["parts"]) == {"model"}
+    assert last["state"]["step"] == 3 and last["state"]["run_id"] == run.info.run_id
+    assert last["state"]["best"]["step"] == metrics["best_epoch"]
+    for name, tensor in saved["hmm"].items():
+        assert torch.equal(last["state"]["best"]["weights"][name], tensor), name
+    assert list(history.columns) == HISTORY_COLUMNS  # the trajectory; the timings are in MLflow and the checkpoints
+    pd.testing.assert_frame_equal(pd.DataFrame(last["state"]["history"])[HISTORY_COLUMNS], history,
+                                  check_exact=False, rtol=1e-12)
+    timings = pd.DataFrame(last["state"]["history"])
+    assert metrics["mean_tokens_per_s"] == pytest.approx(timings.tokens_per_s.mean())
+    assert (timings.epoch_seconds > 0).all()
+    final = HMM.from_state_dict(last["parts"]["model"])  # the HMM after epoch 3 scores the last held-out value
+    assert _pomegranate_heldout_ll_per_token(final, read_sequences("test", params.hmm)) == pytest.approx(
+        metrics["final_heldout_ll_per_token"], rel=1e-9)
 
 
 def test_both_backends_give_the_same_training_history(tokenized):
@@ -206,7 +246,7 @@ def test_a_run_over_the_memory_budget_refuses_to_start_with_its_estimate(tokeniz
     with pytest.raises(ValueError, match=r"would need about 0.000\d+ GB for one E-step .*\(about \d+ fits\)"):
         run_train(load_params("params.yaml", budget))
     assert not OUT_DIR.exists()
-    experiment = MlflowClient().get_experiment_by_name(LINE)  # made by the tokenize stage
+    experiment = MlflowClient().get_experiment_by_name(EXPERIMENT)  # made by the tokenize stage
     assert MlflowClient().search_runs([experiment.experiment_id], "tags.`labpipe.stage` = 'hmm_train'") == []
 
 
@@ -228,7 +268,7 @@ def test_nan_during_em_stops_naming_epoch_and_batch_and_writes_nothing(tokenized
                           text=True, timeout=300)
     assert done.returncode == 1
     assert "EM diverged in epoch 1, batch" in done.stderr
-    assert not (OUT_DIR / "model.pt").exists() and checkpoint.list_checkpoints(CHECKPOINTS) == []
+    assert not (OUT_DIR / "model.pt").exists() and Checkpoints(CHECKPOINTS, "epoch").all() == []
 
 
 NAN_IN_EPOCH_3 = """
@@ -249,57 +289,91 @@ sys.exit(main(["hmm-train"]))
 
 def test_nan_in_a_later_epoch_keeps_the_last_good_checkpoints(tokenized):
     directory, repo_params = tokenized
-    _hmm_project(directory, repo_params, epochs=4)
+    make_hmm_project(directory, repo_params, epochs=4)
     done = _labpipe(directory, NAN_IN_EPOCH_3)
     assert done.returncode == 1 and "EM diverged in epoch 3, batch " in done.stderr, done.stderr
-    kept = checkpoint.list_checkpoints(CHECKPOINTS)
+    kept = Checkpoints(CHECKPOINTS, "epoch").all()
     assert [p.name for p in kept] == ["epoch_00000001.pt", "epoch_00000002.pt"]
-    HMM.from_state_dict(checkpoint.load(kept[-1])["hmm"]).validate()  # finite, normalized: good to resume from
+    saved = checkpoint.load(kept[-1])
+    assert saved["state"]["step"] == 2 and [r["epoch"] for r in saved["state"]["history"]] == [1, 2]
+    HMM.from_state_dict(saved["parts"]["model"]).validate()  # finite, normalized: good to resume from
     assert not (OUT_DIR / "model.pt").exists()
 
 
-KILL_IN_EPOCH_3 = """
-import os, signal, sys
-import labpipe.hmm.train as train
-real = train.em_epoch
+def test_extending_a_finished_run_equals_a_straight_run_and_continues_its_mlflow_run(tmp_path, mlflow_store,
+                                                                                    repo_params, monkeypatch, capsys):
+    extended, straight = tmp_path / "extended", tmp_path / "straight"
+    results = {}
+    for directory, lengths in ((extended, (3, 5)), (straight, (5,))):
+        directory.mkdir()
+        make_hmm_project(directory, repo_params)
+        monkeypatch.chdir(directory)
+        run_ids = []
+        for epochs in lengths:
+            run_train(load_params("params.yaml", [f"hmm.epochs={epochs}"]))
+            run_ids.append(checkpoint.load(Checkpoints(CHECKPOINTS, "epoch").all()[-1])["state"]["run_id"])
+        results[directory] = (checkpoint.load(CHECKPOINTS / "epoch_00000005.pt"), (OUT_DIR / "history.csv").read_text(),
+                              torch.load(OUT_DIR / "model.pt", weights_only=False), run_ids)
+        if directory == extended:
+            assert "resuming from artifacts/hmm/checkpoints/epoch_00000003.pt (epoch 3)" in capsys.readouterr().out
+    (ext_final, ext_history, ext_model, ext_runs), (ref_final, ref_history, ref_model, _) = results.values()
+    for name, tensor in ref_final["parts"]["model"].items():
+        assert torch.equal(ext_final["parts"]["model"][name], tensor), name
+    for name, tensor in ref_model["hmm"].items():
+        assert torch.equal(ext_model["hmm"][name], tensor), name
+    assert ext_model["epoch"] == ref_model["epoch"]
+    assert ext_history == ref_history and len(ext_history.splitlines()) == 6  # the header and 5 epochs
 
-def em_epoch(backend, batches, update_freq, eps, epoch):
-    if epoch == 3:  # SIGKILL after the first minibatch of epoch 3: mid-epoch, checkpoints 1 and 2 written
-        backend.summarize(next(iter(batches)))
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(backend, batches, update_freq, eps, epoch)
-
-train.em_epoch = em_epoch
-from labpipe.cli import main
-sys.exit(main(["hmm-train"]))
-"""
+    run_id = ext_runs[0]
+    assert ext_runs == [run_id, run_id]  # the extension continued the MLflow run of the first 3 epochs
+    client = MlflowClient()
+    assert {m.step for m in client.get_metric_history(run_id, "heldout_ll_per_token")} == {1, 2, 3, 4, 5}
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["labpipe.changed.hmm.epochs"] == "3 -> 5"
 
 
-def test_a_killed_training_resumes_to_the_same_model(tokenized, tmp_path):
-    directory, repo_params = tokenized
-    _hmm_project(directory, repo_params, epochs=4)
-    uninterrupted = _labpipe(directory, "import sys; from labpipe.cli import main; sys.exit(main(['hmm-train']))")
-    assert uninterrupted.returncode == 0, uninterrupted.stderr
-    reference = checkpoint.load(CHECKPOINTS / "epoch_00000004.pt")
-    reference_history = pd.read_csv(OUT_DIR / "history.csv")
-    shutil.rmtree(OUT_DIR)
+def test_init_from_starts_em_from_that_hmm(tokenized, tmp_path):
+    params = load_params("params.yaml")
+    train = read_sequences("train", params.hmm)
+    one_batch = ["hmm.epochs=1", f"hmm.batch_size={len(train)}", "hmm.update_freq=1"]  # one E-step, one M-step
 
-    killed = _labpipe(directory, KILL_IN_EPOCH_3)
-    assert killed.returncode == -9
-    assert [p.name for p in checkpoint.list_checkpoints(CHECKPOINTS)] == ["epoch_00000001.pt", "epoch_00000002.pt"]
-    run_id = checkpoint.load(CHECKPOINTS / "epoch_00000002.pt")["state"]["run_id"]
-    resumed = _labpipe(directory, "import sys; from labpipe.cli import main; sys.exit(main(['hmm-train']))")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from artifacts/hmm/checkpoints/epoch_00000002.pt" in resumed.stdout
-    final = checkpoint.load(CHECKPOINTS / "epoch_00000004.pt")
-    for name, tensor in reference["hmm"].items():
-        assert torch.equal(tensor, final["hmm"][name]), name
-    resumed_history = pd.read_csv(OUT_DIR / "history.csv")
-    pd.testing.assert_frame_equal(reference_history[["epoch", "train_ll_per_token", "heldout_ll_per_token"]],
-                                  resumed_history[["epoch", "train_ll_per_token", "heldout_ll_per_token"]])
-    assert final["state"]["run_id"] == run_id
-    steps = {m.step for m in MlflowClient().get_metric_history(run_id, "heldout_ll_per_token")}
-    assert steps == {1, 2, 3, 4} and MlflowClient().get_run(run_id).info.status == "FINISHED"
+    def check_started_from(given: HMM, source: str) -> None:
+        run_params = load_params("params.yaml", [*one_batch, f"hmm.init_from={source}"])
+        run_train(run_params)
+        history = pd.read_csv(OUT_DIR / "history.csv")
+        # the epoch's one E-step ran under the given HMM: its train log-likelihood, independently
+        assert history.train_ll_per_token[0] == pytest.approx(_pomegranate_heldout_ll_per_token(given, train),
+                                                              rel=1e-9)
+        # and the HMM it wrote is exactly one EM epoch from the given one
+        expected = TorchBackend(given)
+        em_epoch(expected, pad_batches(train, len(train), shuffle_seed=run_params.hmm.seed + 1), 1,
+                 run_params.hmm.eps, 1)
+        written = torch.load(OUT_DIR / "model.pt", weights_only=False)["hmm"]
+        for name, tensor in expected.hmm.state_dict().items():
+            assert torch.equal(written[name], tensor), name
+        run = MlflowClient().get_run(checkpoint.load(CHECKPOINTS / "epoch_00000001.pt")["state"]["run_id"])
+        assert run.data.tags["labpipe.init_from"] == source
+
+    given = HMM.random(4, 100, seed=123)
+    path = tmp_path / "given.pt"
+    torch.save({"hmm": given.state_dict(), "vocab": ["."] * 100}, path)  # the form of hmm_train's model.pt
+    check_started_from(given, str(path))
+
+    # the registered champion (an HMMModule: its buffers are the HMM's state dict), by its MLflow URI
+    champion = HMM.from_state_dict(torch.load(OUT_DIR / "model.pt", weights_only=False)["hmm"])
+    check_started_from(champion, "models:/hmm-K100@champion")
+
+    # a checkpoint of hmm_train: its HMM (parts.model), not its best
+    saved = tmp_path / "checkpoint.pt"
+    shutil.copy(CHECKPOINTS / "epoch_00000001.pt", saved)
+    check_started_from(HMM.from_state_dict(checkpoint.load(saved)["parts"]["model"]), str(saved))
+
+    for other, shape in ((HMM.random(5, 100, seed=1), "5 states and 100 symbols"),
+                         (HMM.random(4, 60, seed=1), "4 states and 60 symbols")):
+        torch.save({"hmm": other.state_dict()}, path)
+        with pytest.raises(InputError, match=rf"^hmm.init_from={path}: an HMM of {shape}, but ") as error:
+            run_train(load_params("params.yaml", [*one_batch, f"hmm.init_from={path}"]))
+        assert "\n" not in str(error.value)
 
 
 def test_evaluation_reports_baselines_and_evaluating_twice_changes_nothing(tokenized):
@@ -327,7 +401,7 @@ def test_evaluation_reports_baselines_and_evaluating_twice_changes_nothing(token
     assert list(table.columns) == ["position", "sequences", "hmm", "uniform", "unigram", "bigram"]
     assert table.sequences.iloc[0] == len(test) and (table.sequences.diff().dropna() <= 0).all()
     assert (OUT_DIR / "eval/per_position_ce.png").stat().st_size > 0
-    experiment = MlflowClient().get_experiment_by_name(LINE)
+    experiment = MlflowClient().get_experiment_by_name(EXPERIMENT)
     runs = MlflowClient().search_runs([experiment.experiment_id], "tags.`labpipe.stage` = 'hmm_eval'")
     assert len(runs) == 2
     assert runs[0].data.metrics["final_ce/overall/hmm"] == pytest.approx(summary["final_token_ce"]["overall"]["hmm"])

@@ -13,12 +13,12 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import write_params
+from labpipe import registry
 from labpipe.cli import main
 from labpipe.config import load_params
 from labpipe.hmm import HMM
 from labpipe.synth.generate import BlockSampler, alias_table, alias_tables, run_synth, run_verify, start_distribution
 from labpipe.synth.manifest import MANIFEST, ShardError, load_manifest, permuted_hmm
-from labpipe.text.stages import LINE
 
 # ---- alias tables and the sampler ----------------------------------------------------------------------------
 
@@ -143,7 +143,8 @@ def test_synth_writes_the_shards_and_manifest_of_the_contract(project):
         np.testing.assert_array_equal(manifest.open(shard), expected)
     assert len({s.sha256 for s in manifest.shards}) == 5
 
-    run = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(LINE).experiment_id])[0]
+    experiment = MlflowClient().get_experiment_by_name(registry.line_of("synth").experiment)
+    run = MlflowClient().search_runs([experiment.experiment_id])[0]
     assert run.data.tags["labpipe.stage"] == "synth" and run.data.tags["dvc.outs"] == str(MANIFEST)
     assert run.data.params["synth.seed"] == "7"
     assert run.data.metrics["tokens"] == 5 * 640 and run.data.metrics["generated_shards"] == 5

@@ -208,6 +208,8 @@ class TrainingRun(contextlib.AbstractContextManager):
             sources, keys = self._init_sources(), self._init_keys()
             loaded = [load_weights(source, key) for source, key in zip(sources, keys, strict=True)]
             self.fingerprint_ = self.fingerprint(self._inputs, [weights_digest(w) for w in loaded])
+            if loaded:  # before anything on disk changes: weights that do not fit stop here (a resume overwrites)
+                self._init(loaded)
             self._exit.enter_context(output_lock(self.out_dir, self.stage.name))
             self.checkpoints = Checkpoints(self.out_dir / "checkpoints", self.spec.unit,
                                            self.spec.directory_checkpoints, self.section.keep_checkpoints)
@@ -217,8 +219,6 @@ class TrainingRun(contextlib.AbstractContextManager):
             found = self.checkpoints.load_newest(self.fingerprint_)
             if found is not None:
                 self._restore(*found)
-            elif loaded:
-                self._init(loaded)
             self._tracker = self._exit.enter_context(stage_run(
                 self.params.tracking, self.stage.name,
                 flatten(self.section, f"{self.spec.section}."), self.state.run_id))

@@ -108,8 +108,6 @@ def stage_run(
     """Open (or resume, after a kill) the MLflow run of `stage` in the experiment of its research line."""
     from labpipe.registry import line_of
 
-    if isinstance(params, str):  # TEMPORARY: old call style (tracking, line, stage, params)
-        stage, params, resume_run_id = params, resume_run_id, None
     line = line_of(stage).experiment
     mlflow.set_tracking_uri(tracking_uri())
     resume = resume_run_id if run_exists(resume_run_id) else None

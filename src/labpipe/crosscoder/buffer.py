@@ -49,9 +49,6 @@ FORMAT = 1
 DATA, META = "activations.bin", "meta.json"
 STORAGE = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}  # bfloat16: bit patterns
 HARVEST_TOKENS = 16384  # tokens per forward pass of the harvest
-TEXT_CONTEXT = 128  # tokens per sequence from a text source (fewer if the models' context is shorter)
-TEXT_SPLIT, TEXT_FIELD = "train", "text"
-LINE = "crosscoders"  # the MLflow experiment of the crosscoder line
 PREFETCH = 2  # batches read ahead: by the background thread, and by each DataLoader worker
 
 
@@ -143,8 +140,9 @@ def synth_tokens(configs: Sequence) -> tuple[Iterator[np.ndarray], int, dict]:
 
 
 def text_tokens(c: CrosscoderParams, context: int) -> tuple[Iterator[np.ndarray], int, dict]:
-    """A text source (load_stories: a dataset name or local path) tokenized by source a's tokenizer, which must
-    be source b's too, as one stream (eos between stories) cut into sequences of `context` tokens."""
+    """A text source (load_stories: a dataset name or local path; its split crosscoder.text_split, field
+    text_field) tokenized by source a's tokenizer, which must be source b's too, as one stream (eos between
+    stories) cut into sequences of `context` tokens (text_context, or less for the models' context)."""
     from transformers import AutoTokenizer
 
     from labpipe.text.corpus import load_stories
@@ -155,7 +153,7 @@ def text_tokens(c: CrosscoderParams, context: int) -> tuple[Iterator[np.ndarray]
 
     def sequences() -> Iterator[np.ndarray]:
         pending: list[int] = []
-        for story in load_stories(c.text_source, TEXT_SPLIT, text_field=TEXT_FIELD):
+        for story in load_stories(c.text_source, c.text_split, text_field=c.text_field):
             pending += tokenizer(story)["input_ids"]
             if tokenizer.eos_token_id is not None:
                 pending.append(tokenizer.eos_token_id)
@@ -164,7 +162,7 @@ def text_tokens(c: CrosscoderParams, context: int) -> tuple[Iterator[np.ndarray]
                 del pending[:context]
 
     record = {"text_source": c.text_source, "sha256": content_sha256(c.text_source), "tokenizer": c.source_a,
-              "split": TEXT_SPLIT, "field": TEXT_FIELD}
+              "split": c.text_split, "field": c.text_field, "context": c.text_context}
     return sequences(), context, record
 
 
@@ -215,7 +213,7 @@ def run_activations(params: Params) -> None:
     if c.text_source == "synth":
         sequences, seq_length, tokens = synth_tokens(configs)
     else:
-        context = min(TEXT_CONTEXT, *(config.max_position_embeddings for config in configs))
+        context = min(c.text_context, *(config.max_position_embeddings for config in configs))
         sequences, seq_length, tokens = text_tokens(c, context)
     for name, config in zip(names, configs, strict=True):
         if seq_length > config.max_position_embeddings:
@@ -234,7 +232,7 @@ def run_activations(params: Params) -> None:
 
     keys = ("source_a", "source_b", "layer_a", "layer_b", "text_source", "buffer_tokens", "buffer_dtype", "buffer_dir")
     logged = {f"crosscoder.{key}": getattr(c, key) for key in keys}
-    with stage_run(params.tracking, LINE, "activations", logged) as run:
+    with stage_run(params.tracking, "activations", logged) as run:
         models = [load_source(name, device) for name in names]
         started = time.perf_counter()
         d_a, d_b = (config.hidden_size for config in configs)

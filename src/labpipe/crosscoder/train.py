@@ -9,15 +9,21 @@ plots/training.png}. Adam with
     lambda(t) = l1_coef * min(1, t / l1_warmup_steps)
 
 for update t = 0 .. steps - 1, gradients clipped to norm grad_clip (0: not clipped). Every log_every steps the
-metrics of metrics.py go to history.csv, MLflow (experiment "crosscoders") and the progress bar. Every
-checkpoint_every steps the model, Adam's state, the dead-latent tracker, the history and the MLflow run id are
-saved atomically; a killed run resumes from the newest checkpoint whose fingerprint (params, buffer, this
-package's code) matches and ends with the same weights as an uninterrupted one, in the same MLflow run: batch t
-is a function of (seed, t) alone (buffer.ShuffledBatches), and nothing else is random after the init.
+metrics of metrics.py go to history.csv, MLflow (experiment "crosscoders") and the progress bar.
 
-Final metrics are measured over up to EVAL_ROWS rows spread evenly through the buffer (training rows: the buffer
-has no held-out part). Champion: the run is registered as model "crosscoder" (alias champion) only if its final
-L0 lies in L0_BAND and its final mean explained variance beats the champion's; EVs compare only at equal sparsity.
+The run lifecycle (checkpoints of the model, Adam's state and the dead-latent tracker; resume; init_from; the
+champion) is labpipe.run's. A killed run resumes from the newest checkpoint of its fingerprint (params, the
+buffer's meta.json with its data sha256, the code) and ends with the same weights as an uninterrupted one, in the
+same MLflow run: batch t is a function of (seed, t) alone (buffer.ShuffledBatches), and nothing else is random
+after the init. A finished run cannot be extended: the schedule is built on `steps` (the lr reaches 0 there), so
+crosscoder.steps is part of the fingerprint and raising it starts a new run from the init. To train a finished
+crosscoder further, start a new run from its weights: crosscoder.init_from=artifacts/crosscoder/model.pt (or
+models:/crosscoder@champion), with its own warm-up and decay, Adam's state and the dead-latent tracker fresh.
+
+Final metrics are measured over up to crosscoder.eval_rows rows spread evenly through the buffer (training rows:
+the buffer has no held-out part). Champion: the run is registered as model "crosscoder" (alias champion) only if
+its final L0 lies in [champion_l0_min, champion_l0_max] and its final mean explained variance beats the
+champion's; EVs compare only at equal sparsity.
 """
 
 from __future__ import annotations
@@ -29,24 +35,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
-from labpipe import checkpoint
+from labpipe import registry
 from labpipe.config import CrosscoderParams, Params, flatten
-from labpipe.crosscoder.buffer import LINE, META, ActivationBuffer, BatchStream
+from labpipe.crosscoder.buffer import META, ActivationBuffer, BatchStream
 from labpipe.crosscoder.metrics import DeadLatents, batch_metrics
 from labpipe.crosscoder.model import Crosscoder, LossTerms
 from labpipe.device import resolve_device
 from labpipe.errors import InputError
-from labpipe.files import atomic_path, write_json
+from labpipe.files import atomic_path, save_torch, write_json
 from labpipe.plotting import pyplot, save_figure
+from labpipe.run import TrainingRun, load_into
 
-OUT_DIR = Path("artifacts/crosscoder")
-CHECKPOINTS = OUT_DIR / "checkpoints"
-REGISTERED_MODEL = "crosscoder"
-KEEP_CHECKPOINTS = 2  # resume needs the newest; one more in case the disk lost the newest's last write
-EVAL_ROWS = 65536
-L0_BAND = (4.0, 64.0)  # champion candidates: mean active latents per token within this band (inclusive)
+STAGE = registry.STAGES["crosscoder_train"]
+OUT_DIR = Path(STAGE.training.out_dir)
 
 
 def lr_at(c: CrosscoderParams, t: int) -> float:
@@ -59,16 +61,6 @@ def lr_at(c: CrosscoderParams, t: int) -> float:
 
 def l1_coef_at(c: CrosscoderParams, t: int) -> float:
     return c.l1_coef * min(1.0, t / c.l1_warmup_steps) if c.l1_warmup_steps > 0 else c.l1_coef
-
-
-def check_params(c: CrosscoderParams) -> None:
-    for name in ("dict_size", "steps", "batch_size", "log_every", "checkpoint_every", "dead_window"):
-        if getattr(c, name) <= 0:
-            raise InputError(f"crosscoder.{name} must be positive, got {getattr(c, name)}")
-    if not 0 <= c.lr_decay_start <= 1:
-        raise InputError(f"crosscoder.lr_decay_start is a fraction of the steps, got {c.lr_decay_start}")
-    if c.num_workers < 0 or c.lr_warmup_steps < 0 or c.l1_warmup_steps < 0 or c.dec_init_norm < 0:
-        raise InputError("crosscoder.num_workers, lr_warmup_steps, l1_warmup_steps and dec_init_norm must be >= 0")
 
 
 def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, lr: float, l1_coef: float,
@@ -87,10 +79,7 @@ def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 def run_train(params: Params) -> None:
     """Stage crosscoder_train."""
-    from labpipe.tracking import register_if_better, stage_run
-
     c = params.crosscoder
-    check_params(c)
     device = resolve_device(c.device)
     buffer = ActivationBuffer.open(c.buffer_dir)
     model = Crosscoder(buffer.d_a, buffer.d_b, c.dict_size)
@@ -99,24 +88,15 @@ def run_train(params: Params) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     dead = DeadLatents(c.dict_size, c.dead_window, device)
     batches_per_epoch = -(-buffer.rows // c.batch_size)
-    state = {"step": 0, "epoch": 0, "history": [], "run_id": None}
+    parts = {"model": model, "optimizer": optimizer, "dead": dead}
 
     # meta.json holds the buffer data's sha256 and the sources it came from
-    fp = checkpoint.fingerprint(c, [buffer.directory / META], Path(__file__).parent)
-    saved = checkpoint.resume(CHECKPOINTS, fp)
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        dead.load_state_dict(saved["dead"])
-        state = saved["state"]
-
-    with stage_run(params.tracking, LINE, "crosscoder_train", flatten(c, "crosscoder."), state["run_id"]) as run:
-        state["run_id"] = run.run_id
+    with TrainingRun("crosscoder_train", params, [buffer.directory / META], parts,
+                     init=lambda loaded: load_into(model, loaded[0], f"crosscoder.init_from={c.init_from}")) as run:
         run.set_tags({"device": str(device), "buffer_rows": buffer.rows, "d_a": buffer.d_a, "d_b": buffer.d_b,
                       "buffer_sha256": buffer.meta["sha256"]})
-        bar = tqdm(total=c.steps, initial=state["step"], desc="crosscoder", unit="step")
-        with BatchStream(buffer, c.batch_size, c.seed, state["step"], c.steps, c.num_workers, device) as batches:
-            for step, x in zip(range(state["step"] + 1, c.steps + 1), batches, strict=True):
+        with BatchStream(buffer, c.batch_size, c.seed, run.state.step, c.steps, c.num_workers, device) as batches:
+            for step, x in zip(run.steps("crosscoder"), batches, strict=True):
                 lr, l1_coef = lr_at(c, step - 1), l1_coef_at(c, step - 1)
                 f, x_hat, terms, grad_norm = train_step(model, optimizer, x, lr, l1_coef, c)
                 dead.update(f)
@@ -124,50 +104,34 @@ def run_train(params: Params) -> None:
                     metrics = {**batch_metrics(x, f, x_hat, buffer.d_a, dead, loss=terms.loss, mse=terms.mse,
                                                l1=terms.l1, grad_norm=grad_norm),
                                "lr": lr, "lambda": l1_coef, "epoch": step / batches_per_epoch}
-                    state["history"].append({"step": step, **metrics})
-                    run.log_metrics(metrics, step=step)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", ev=f"{metrics['mean_explained_variance']:.3f}",
-                                    l0=f"{metrics['l0']:.1f}", dead=f"{metrics['pct_dead_neurons']:.1%}")
-                state["step"], state["epoch"] = step, step // batches_per_epoch
-                if step % c.checkpoint_every == 0 or step == c.steps:
-                    checkpoint.save(CHECKPOINTS, step, {
-                        "fingerprint": fp, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "dead": dead.state_dict(), "state": state}, keep=KEEP_CHECKPOINTS, unit="step")
-                bar.update()
-        bar.close()
+                    run.state.history.append({"step": step, **metrics})
+                    run.log(metrics, step)
+                    run.bar.set_postfix(loss=f"{metrics['loss']:.4g}", ev=f"{metrics['mean_explained_variance']:.3f}",
+                                        l0=f"{metrics['l0']:.1f}", dead=f"{metrics['pct_dead_neurons']:.1%}")
 
         final = {**evaluate(model, buffer, c, device), "total_dead_neurons": int(dead.dead().sum()),
                  "pct_dead_neurons": float(dead.dead().float().mean()), "total_neurons": c.dict_size,
                  "steps": c.steps}
-        final["in_l0_band"] = L0_BAND[0] <= final["l0"] <= L0_BAND[1]
-        write_outputs(model, buffer, state["history"], final, c)
-        run.log_metrics({f"final_{name}": value for name, value in final.items()}, step=c.steps)
-        run.log_artifact(OUT_DIR / "plots" / "training.png", "plots")
-        run.log_artifact(OUT_DIR / "metrics.json")
-        run.log_outputs([OUT_DIR / "model.pt", OUT_DIR / "metrics.json", OUT_DIR / "history.csv", OUT_DIR / "plots"])
-        uri = run.log_torch_model(model.cpu())
-        version = None
-        if final["in_l0_band"]:
-            version = register_if_better(uri, REGISTERED_MODEL, "mean_explained_variance",
-                                         final["mean_explained_variance"], lower_is_better=False)
-        run.set_tags({"champion": version is not None})
+        final["in_l0_band"] = c.champion_l0_min <= final["l0"] <= c.champion_l0_max
+        run.log({f"final_{name}": value for name, value in final.items()}, c.steps)
         print(f"final: explained variance {final['mean_explained_variance']:.4f} "
               f"(a {final['mean_explained_variance_a']:.4f}, b {final['mean_explained_variance_b']:.4f}), "
-              f"L0 {final['l0']:.2f}, dead {final['pct_dead_neurons']:.2%}; "
-              + (f"registered {REGISTERED_MODEL} v{version.version} as champion" if version else
-                 "the current champion stays" if final["in_l0_band"] else
-                 f"L0 outside {L0_BAND}: not a champion candidate"))
+              f"L0 {final['l0']:.2f}, dead {final['pct_dead_neurons']:.2%}")
+        run.offer_best(final["mean_explained_variance"], model, c.steps)
+        with run.outputs() as out:
+            write_outputs(out, model, buffer, run.state.history, final, c)
+        run.finish(model, final)
 
 
 @torch.no_grad()
 def evaluate(model: Crosscoder, buffer: ActivationBuffer, c: CrosscoderParams, device: torch.device) -> dict:
-    """Explained variance per source, L0, mse and l1 over up to EVAL_ROWS rows spread evenly over the buffer.
+    """Explained variance per source, L0, mse and l1 over up to eval_rows rows spread evenly over the buffer.
 
     EV_s = 1 - sum ||a^s - a_hat^s||^2 / sum ||a^s - mean(a^s)||^2 over all those rows, in one pass with
     sum ||a - mean||^2 = sum ||a||^2 - ||sum a||^2 / n, the sums of each chunk added up in float64 on the host.
     """
     model = model.to(device)
-    rows = np.unique(np.linspace(0, buffer.rows - 1, min(EVAL_ROWS, buffer.rows)).astype(np.int64))
+    rows = np.unique(np.linspace(0, buffer.rows - 1, min(c.eval_rows, buffer.rows)).astype(np.int64))
     array, scale = buffer.array(), buffer.scale_vector(device)
     sources = model.sources()
     residual, squares = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
@@ -191,18 +155,18 @@ def evaluate(model: Crosscoder, buffer: ActivationBuffer, c: CrosscoderParams, d
             "mean_explained_variance_b": ev_b, "l0": active / n, "mse": mse / n, "l1": l1 / n, "eval_rows": n}
 
 
-def write_outputs(model: Crosscoder, buffer: ActivationBuffer, history: list[dict], final: dict,
+def write_outputs(out: Path, model: Crosscoder, buffer: ActivationBuffer, history: list[dict], final: dict,
                   c: CrosscoderParams) -> None:
-    with atomic_path(OUT_DIR / "model.pt") as tmp:
-        torch.save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": model.config,
-                    "scales": list(buffer.scales), "params": flatten(c), "step": c.steps,
-                    "buffer": {"directory": str(buffer.directory), "sha256": buffer.meta["sha256"],
-                               "inputs": buffer.meta["inputs"]}}, tmp)
-    write_json(OUT_DIR / "metrics.json", {**final, "l0_band": list(L0_BAND)})
+    """model.pt (the final weights and what they were trained on), metrics.json, history.csv and the plot under
+    `out`."""
+    save_torch({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": model.config,
+                "scales": list(buffer.scales), "params": flatten(c), "step": c.steps,
+                "buffer": {"directory": str(buffer.directory), "sha256": buffer.meta["sha256"],
+                           "inputs": buffer.meta["inputs"]}}, out / "model.pt")
+    write_json(out / "metrics.json", {**final, "l0_band": [c.champion_l0_min, c.champion_l0_max]})
     frame = pd.DataFrame(history)
-    with atomic_path(OUT_DIR / "history.csv") as tmp:
-        frame.to_csv(tmp, index=False)
-    plot_training(frame, OUT_DIR / "plots" / "training.png")
+    frame.to_csv(out / "history.csv", index=False)
+    plot_training(frame, out / "plots" / "training.png")
 
 
 def plot_training(history: pd.DataFrame, path: Path) -> None:
@@ -222,8 +186,10 @@ def plot_training(history: pd.DataFrame, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the dec_init_norm sweep
 
-# Params that do not change what a run computes: runs that differ only in these (and dec_init_norm) compare.
-_NOT_RESULTS = {"crosscoder.device", "crosscoder.num_workers", "crosscoder.log_every", "crosscoder.checkpoint_every"}
+# Params that do not change what a run computes (the registry's, less eval_rows: it changes the final metrics the
+# sweep compares): runs that differ only in these (and dec_init_norm) compare.
+_NOT_RESULTS = {f"crosscoder.{key}" for key in (*registry.NOT_TRAJECTORY, *STAGE.training.also_not_trajectory)
+                if key != "eval_rows"}
 SWEEP_COLUMNS = ("mean_explained_variance", "mean_explained_variance_a", "mean_explained_variance_b",
                  "pct_dead_neurons", "total_dead_neurons", "l0")
 
@@ -234,13 +200,14 @@ def sweep_table(tracking_uri: str) -> pd.DataFrame:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(LINE)
+    line = registry.line_of(STAGE.name).experiment
+    experiment = client.get_experiment_by_name(line)
     runs = [] if experiment is None else client.search_runs(
         [experiment.experiment_id], "tags.`labpipe.stage` = 'crosscoder_train' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"])
     runs = [run for run in runs if "final_mean_explained_variance" in run.data.metrics]
     if not runs:
-        raise InputError(f"no finished crosscoder_train runs in experiment {LINE!r} of {tracking_uri}")
+        raise InputError(f"no finished crosscoder_train runs in experiment {line!r} of {tracking_uri}")
 
     def setting(run) -> dict:
         return {k: v for k, v in run.data.params.items() if k not in _NOT_RESULTS | {"crosscoder.dec_init_norm"}}

@@ -1,12 +1,18 @@
 """Stage hmm_train: fit a categorical HMM to a top-K token file by minibatch EM.
 
-Reads artifacts/text/tokens/{train,test}/K{hmm.vocab_size}/tokens.txt; writes artifacts/hmm/{model.pt,
-metrics.json, history.csv, plots/likelihood.png}. model.pt holds the HMM with the best held-out
-log-likelihood per token (`HMM.state_dict()` under "hmm": the contract of the stages that sample from it).
+Reads artifacts/text/tokens/{train,test}/K{hmm.vocab_size}/{tokens.txt,vocab.json}; writes artifacts/hmm/
+{model.pt, metrics.json, history.csv, plots/likelihood.png} and checkpoints/epoch_XXXXXXXX.pt. model.pt
+holds the HMM with the best held-out log-likelihood per token (`HMM.state_dict()` under "hmm": the contract
+of the stages that sample from it); it is registered as hmm-K{hmm.vocab_size} when it beats the champion.
+history.csv has one row per epoch (train and held-out log-likelihood per token); the timings (seconds,
+tokens/s, peak memory) go to MLflow, so equal runs write equal files.
 
-Every `checkpoint_every` epochs the HMM, the history and the MLflow run id are written atomically; a killed
-run resumes from the newest checkpoint whose fingerprint (params, token files, this package's code) matches,
-and ends where an uninterrupted run would: the batch order of epoch e is seeded with seed + e.
+The run lifecycle (resume, extend, hmm.init_from, checkpoints, the MLflow run, the champion) is labpipe.run's:
+a killed run restarts from the newest checkpoint and ends with the same HMM as an uninterrupted one (the batch
+order of epoch e is seeded with seed + e, and the backend holds nothing between epochs but its HMM). EM has
+no schedule, so raising hmm.epochs continues a finished run: a run of 3 epochs extended to 5 equals a
+straight 5-epoch run. hmm.init_from (a model.pt, a checkpoint, models:/hmm-K100@champion) starts EM from
+that HMM instead of a random one.
 """
 
 from __future__ import annotations
@@ -21,30 +27,27 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from labpipe import checkpoint
+from labpipe import registry
 from labpipe.config import HMMParams, Params, flatten
 from labpipe.device import resolve_device
 from labpipe.errors import InputError
-from labpipe.files import atomic_path, write_json
+from labpipe.files import save_torch, write_json
 from labpipe.hmm.em import BACKENDS, em_epoch, estimate_memory_bytes, pad_batches
 from labpipe.hmm.forward_backward import log_likelihood
 from labpipe.hmm.model import HMM
 from labpipe.plotting import pyplot, save_figure
-from labpipe.text.stages import LINE, token_dir
+from labpipe.run import TrainingRun, TrainState
+from labpipe.text.stages import token_dir
 from labpipe.text.token_file import read_token_file
 
-OUT_DIR = Path("artifacts/hmm")
-CHECKPOINTS = OUT_DIR / "checkpoints"
+OUT_DIR = Path(registry.stage("hmm_train").training.out_dir)  # artifacts/hmm
 GB = 1e9
-
-
-def registered_model_name(vocab_size: int) -> str:
-    """One registered model per vocabulary: log-likelihoods over different vocabularies do not compare."""
-    return f"hmm-K{vocab_size}"
+HISTORY_COLUMNS = ["epoch", "train_ll_per_token", "heldout_ll_per_token"]  # history.csv: what a run computes
 
 
 class HMMModule(torch.nn.Module):
-    """An HMM as a torch module, the form MLflow logs and registers: forward(tokens, lengths) = log p(x)."""
+    """An HMM as a torch module, the form MLflow logs and registers: forward(tokens, lengths) = log p(x).
+    Its buffers are the HMM's state_dict (start, transition, end, emission): hmm.init_from reads them back."""
 
     def __init__(self, hmm: HMM):
         super().__init__()
@@ -57,6 +60,37 @@ class HMMModule(torch.nn.Module):
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return log_likelihood(self.hmm, tokens, lengths)
+
+
+class EMState:
+    """The EM backend as a part of the run (labpipe.run saves and restores parts by state_dict): its HMM.
+    A backend holds nothing else between epochs (each epoch ends with an M-step), so loading a state dict
+    rebuilds the backend from that HMM."""
+
+    def __init__(self, h: HMMParams, device: torch.device):
+        self.h, self.device = h, device
+        self.start_from(HMM.random(h.hidden_states, h.vocab_size, seed=h.seed))
+
+    def start_from(self, hmm: HMM) -> None:
+        self.backend = BACKENDS[self.h.backend](hmm, self.device)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.backend.hmm.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.start_from(HMM.from_state_dict(state))
+
+    def init_from(self, weights: dict[str, torch.Tensor]) -> None:
+        """hmm.init_from: EM starts from that HMM; InputError naming the key when it is none or does not fit."""
+        h, what = self.h, f"hmm.init_from={self.h.init_from}"
+        try:
+            hmm = HMM.from_state_dict(weights)
+        except InputError as error:
+            raise InputError(f"{what}: not an HMM ({error})") from None
+        if (hmm.n_states, hmm.n_symbols) != (h.hidden_states, h.vocab_size):
+            raise InputError(f"{what}: an HMM of {hmm.n_states} states and {hmm.n_symbols} symbols, but "
+                             f"hmm.hidden_states={h.hidden_states} and hmm.vocab_size={h.vocab_size}")
+        self.start_from(hmm)
 
 
 def token_file(split: str, vocab_size: int) -> Path:
@@ -113,40 +147,28 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 def run_train(params: Params) -> None:
     """Stage hmm_train."""
-    from labpipe.tracking import register_if_better, stage_run
-
     h = params.hmm
     device = resolve_device(h.device)
     train, test = read_sequences("train", h), read_sequences("test", h)
     train_tokens, test_tokens = sum(map(len, train)), sum(map(len, test))
     estimate = check_memory(h, max(map(len, train)))
+    em = EMState(h, device)
+    inputs = [token_file("train", h.vocab_size), token_file("test", h.vocab_size)]
 
-    backend = BACKENDS[h.backend](HMM.random(h.hidden_states, h.vocab_size, seed=h.seed), device)
-    state = {"epoch": 0, "history": [], "best": None, "run_id": None}
-    fp = checkpoint.fingerprint(h, [token_file("train", h.vocab_size), token_file("test", h.vocab_size)],
-                                Path(__file__).parent)
-    saved = checkpoint.resume(CHECKPOINTS, fp)
-    if saved is not None:
-        backend = BACKENDS[h.backend](HMM.from_state_dict(saved["hmm"]), device)
-        state = saved["state"]
-
-    with stage_run(params.tracking, LINE, "hmm_train", flatten(h, "hmm."), state["run_id"]) as run:
-        state["run_id"] = run.run_id
+    with TrainingRun("hmm_train", params, inputs, {"model": em}, init=lambda loaded: em.init_from(loaded[0])) as run:
         run.set_tags({"device": str(device), "train_sequences": len(train), "test_sequences": len(test),
                       "estimated_peak_gb": f"{estimate / GB:.3f}"})
         n_batches = -(-len(train) // h.batch_size)
-        bar = tqdm(range(state["epoch"] + 1, h.epochs + 1), desc="EM epochs", unit="epoch",
-                   initial=state["epoch"], total=h.epochs)
-        for epoch in bar:
+        for epoch in run.steps("EM epochs"):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             started = time.perf_counter()
             batches = tqdm(pad_batches(train, h.batch_size, shuffle_seed=h.seed + epoch), total=n_batches,
                            desc=f"epoch {epoch}", unit="batch", leave=False)
             # EMDivergedError (NaN/inf) propagates: the last good checkpoint stays, nothing else is written.
-            result = em_epoch(backend, batches, h.update_freq, h.eps, epoch)
+            result = em_epoch(em.backend, batches, h.update_freq, h.eps, epoch)
             seconds = time.perf_counter() - started
-            hmm = backend.hmm
+            hmm = em.backend.hmm
             record = {
                 "epoch": epoch,
                 # summed while the parameters change: each minibatch under the parameters of its E-step
@@ -156,48 +178,35 @@ def run_train(params: Params) -> None:
                 "tokens_per_s": train_tokens / seconds,
                 "peak_memory_mb": peak_memory_bytes(device) / 1e6,
             }
-            state["history"].append(record)
-            if state["best"] is None or record["heldout_ll_per_token"] > state["best"]["heldout_ll_per_token"]:
-                state["best"] = {"epoch": epoch, "heldout_ll_per_token": record["heldout_ll_per_token"],
-                                 "hmm": hmm.state_dict()}
-            run.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            bar.set_postfix(train=f"{record['train_ll_per_token']:.4f}",
-                            heldout=f"{record['heldout_ll_per_token']:.4f}")
-            state["epoch"] = epoch
-            if epoch % h.checkpoint_every == 0 or epoch == h.epochs:
-                checkpoint.save(CHECKPOINTS, epoch, {"fingerprint": fp, "hmm": hmm.state_dict(), "state": state},
-                                keep=h.keep_checkpoints)
+            run.offer_best(record["heldout_ll_per_token"], hmm.state_dict(), epoch)
+            run.state.history.append(record)
+            run.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            run.bar.set_postfix(train=f"{record['train_ll_per_token']:.4f}",
+                                heldout=f"{record['heldout_ll_per_token']:.4f}")
 
-        write_outputs(state, h)
-        run.log_artifact(OUT_DIR / "plots" / "likelihood.png", "plots")
-        run.log_artifact(OUT_DIR / "metrics.json")
-        run.log_outputs([OUT_DIR / "model.pt", OUT_DIR / "metrics.json", OUT_DIR / "history.csv", OUT_DIR / "plots"])
-        best = state["best"]
-        name = registered_model_name(h.vocab_size)
-        model = HMMModule(HMM.from_state_dict(best["hmm"]))
-        version = register_if_better(run.log_torch_model(model), name, "heldout_ll_per_token",
-                                     best["heldout_ll_per_token"], lower_is_better=False)
-        run.set_tags({"champion": version is not None})
-        print(f"best held-out log-likelihood {best['heldout_ll_per_token']:.4f} per token at epoch {best['epoch']}; "
-              + (f"registered {name} v{version.version} as champion" if version else "the current champion stays"))
+        with run.outputs() as out:
+            metrics = write_outputs(out, run.state, h)
+        run.finish(HMMModule(HMM.from_state_dict(run.state.best.weights)), metrics)
 
 
-def write_outputs(state: dict, h: HMMParams) -> None:
-    best, history = state["best"], pd.DataFrame(state["history"])
+def write_outputs(out: Path, state: TrainState, h: HMMParams) -> dict:
+    """model.pt (the best HMM), metrics.json, history.csv and plots/likelihood.png under `out`; returns the
+    metrics."""
+    best, history = state.best, pd.DataFrame(state.history)
     vocab = json.loads((token_dir("train", h.vocab_size) / "vocab.json").read_text())
-    with atomic_path(OUT_DIR / "model.pt") as tmp:
-        torch.save({"hmm": best["hmm"], "vocab": vocab, "params": flatten(h), "epoch": best["epoch"],
-                    "heldout_ll_per_token": best["heldout_ll_per_token"]}, tmp)
-    final = state["history"][-1]
-    write_json(OUT_DIR / "metrics.json", {
-        "best_heldout_ll_per_token": best["heldout_ll_per_token"],
-        "best_epoch": best["epoch"],
+    save_torch({"hmm": best.weights, "vocab": vocab, "params": flatten(h), "epoch": best.step,
+                "heldout_ll_per_token": best.value}, out / "model.pt")
+    final = state.history[-1]
+    metrics = {
+        "best_heldout_ll_per_token": best.value,
+        "best_epoch": best.step,
         "final_train_ll_per_token": final["train_ll_per_token"],
         "final_heldout_ll_per_token": final["heldout_ll_per_token"],
         "mean_tokens_per_s": float(history.tokens_per_s.mean()),
-    })
-    with atomic_path(OUT_DIR / "history.csv") as tmp:
-        history.to_csv(tmp, index=False)
+    }
+    write_json(out / "metrics.json", metrics)
+    # the trajectory only: the timings (in MLflow and mean_tokens_per_s) differ between equal runs
+    history[HISTORY_COLUMNS].to_csv(out / "history.csv", index=False)
 
     figure, axis = pyplot().subplots(figsize=(6, 4))
     axis.plot(history.epoch, history.train_ll_per_token, marker="o", label="train (during the epoch)")
@@ -205,4 +214,5 @@ def write_outputs(state: dict, h: HMMParams) -> None:
     axis.set(xlabel="epoch", ylabel="log-likelihood per token",
              title=f"HMM H={h.hidden_states}, K={h.vocab_size} ({h.backend})")
     axis.legend()
-    save_figure(figure, OUT_DIR / "plots" / "likelihood.png")
+    save_figure(figure, out / "plots" / "likelihood.png")
+    return metrics

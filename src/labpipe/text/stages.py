@@ -21,7 +21,6 @@ from labpipe.files import atomic_path, write_json
 from labpipe.text.corpus import END_OF_TEXT, generate_stories, load_stories
 from labpipe.text.tokenizer import tokenize_corpus
 
-LINE = "in-context-language-learning"  # the MLflow experiment of the HMM / synthetic-data / LM line
 CORPUS_DIR = Path("artifacts/text/corpus")
 TOKENS_DIR = Path("artifacts/text/tokens")
 TOKEN_STATS = Path("artifacts/text/token_stats.json")  # the stats of every token file, a DVC metric
