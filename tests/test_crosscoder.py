@@ -485,7 +485,8 @@ def test_init_from_a_previous_model_starts_from_exactly_its_weights(project, mon
     monkeypatch.setattr(train, "train_step", train_step)
     previous = run()
     previous_run = _run_of(directory)
-    source = str(OUT_DIR / "model.pt")
+    source = "previous.pt"  # a copy: an init_from inside the run's own output folder is refused
+    shutil.copy(OUT_DIR / "model.pt", source)
     started = run(f"crosscoder.init_from={source}")
     assert len(starts) == 2
     scratch, initial = starts

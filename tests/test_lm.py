@@ -1,5 +1,6 @@
 """Stages lm_train and lm_eval on tiny synthetic shards written here, checked against independent computations."""
 
+import copy
 import itertools
 import json
 import math
@@ -18,10 +19,14 @@ from mlflow import MlflowClient
 from transformers import LlamaForCausalLM
 
 from conftest import write_params
+from labpipe import registry
+from labpipe.checkpoint import SUPERSEDED, TRAINER_STATE, UNREADABLE, Checkpoints
 from labpipe.config import load_params
+from labpipe.errors import InputError
 from labpipe.files import sha256_file
 from labpipe.hmm import HMM
 from labpipe.lm import data
+from labpipe.lm import train as lm_train
 from labpipe.lm.data import ShardDataset, epoch_loader, shards_read, steps_per_epoch, training_batches
 from labpipe.lm.evaluate import OUT_DIR as EVAL_DIR
 from labpipe.lm.evaluate import run_eval
@@ -32,21 +37,23 @@ from labpipe.lm.train import (
     build_model,
     causal_lm_loss,
     learning_rate,
-    list_checkpoints,
     parameter_groups,
-    resume,
     run_train,
-    save_checkpoint,
 )
 from labpipe.synth.manifest import MANIFEST, Shard, ShardError, load_manifest, write_manifest
-from labpipe.text.stages import LINE
 
+LINE = registry.line_of("lm_train").experiment
 HMM_PATH = Path("artifacts/hmm/model.pt")
 SHARDS = Path("artifacts/synth/shards")
 TINY_LM = {"hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32, "context_length": 16,
-           "vocab_size": 0, "batch_size": 8, "lr": 1.0e-2, "weight_decay": 0.1, "warmup_steps": 4, "max_steps": 20,
-           "min_lr_ratio": 0.1, "grad_clip": 1.0, "eval_every": 5, "eval_sequences": 16, "checkpoint_every": 5,
-           "keep_checkpoints": 0, "num_workers": 0, "compile": False, "seed": 0, "device": "cpu"}
+           "vocab_size": 0, "batch_size": 8, "lr": 1.0e-2, "adam_beta1": 0.9, "adam_beta2": 0.95,
+           "weight_decay": 0.1, "warmup_steps": 4, "decay_steps": 20, "max_steps": 20, "min_lr_ratio": 0.1,
+           "grad_clip": 1.0, "log_every": 10, "eval_every": 5, "eval_sequences": 16, "checkpoint_every": 5,
+           "keep_checkpoints": 0, "num_workers": 0, "compile": False, "seed": 0, "init_from": "", "device": "cpu"}
+
+
+def store() -> Checkpoints:
+    return Checkpoints(CHECKPOINTS, "step", directories=True)
 
 
 # ---- tiny synthetic data, written without the synth stage ------------------------------------------------------
@@ -117,7 +124,32 @@ def shard_rows(split: str) -> np.ndarray:
 
 
 def lm_project(directory: Path, repo_params: dict, **lm) -> Path:
-    return write_params(directory, {**repo_params, "lm": {**TINY_LM, **lm}})
+    return write_params(directory, {**repo_params, "lm": {**repo_params["lm"], **TINY_LM, **lm}})
+
+
+def make_lm_project(directory: Path, repo_params: dict, **lm_overrides) -> None:
+    """A project in `directory` ready for `python -m labpipe lm-train` (a few seconds on a CPU): a tiny random
+    HMM as hmm_train's model.pt, the synth stage run on it (2 train shards of 32 rows of 12 tokens, one val
+    shard: 8 steps per epoch), and params.yaml with a tiny Llama trained for 24 steps (checkpoints every 4,
+    evaluations every 8), `lm_overrides` on top of the lm section. MLflow: $MLFLOW_TRACKING_URI (the caller's)."""
+    from labpipe.synth.generate import run_synth
+
+    params = copy.deepcopy(repo_params)
+    params["synth"].update({"seq_length": 12, "sequences_per_shard": 32, "train_shards": 2, "val_shards": 1,
+                            "block_sequences": 16, "permute_emissions": False, "workers": 1})
+    params["lm"].update({**TINY_LM, "max_steps": 24, "decay_steps": 24, "warmup_steps": 4, "checkpoint_every": 4,
+                         "eval_every": 8, "log_every": 4, "keep_checkpoints": 0, "num_workers": 0, "device": "cpu",
+                         **lm_overrides})
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        hmm_path = Path(params["synth"]["hmm_checkpoint"])
+        hmm_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"hmm": HMM.random(3, 5, seed=0).state_dict()}, hmm_path)
+        write_params(directory, params)
+        run_synth(load_params(directory / "params.yaml"))
+    finally:
+        os.chdir(cwd)
 
 
 # ---- the dataset and its epoch order ----------------------------------------------------------------------------
@@ -194,15 +226,26 @@ def test_a_large_split_is_shuffled_within_windows_of_shards(project, monkeypatch
 # ---- schedule, optimizer groups, loss -------------------------------------------------------------------------
 
 
-def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine(tmp_path, repo_params):
-    lm = load_params(lm_project(tmp_path, repo_params, lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)).lm
-    hand = {1: 0.1, 5: 0.5, 10: 1.0, 35: 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, 60: 0.55, 110: 0.1}
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_a_floor(tmp_path, repo_params):
+    lm = load_params(lm_project(tmp_path, repo_params, lr=1.0, warmup_steps=10, decay_steps=110, max_steps=300,
+                                min_lr_ratio=0.1)).lm
+    hand = {1: 0.1, 5: 0.5, 10: 1.0, 35: 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, 60: 0.55, 110: 0.1,
+            111: 0.1, 200: 0.1, 300: 0.1}  # past decay_steps: the floor, lr * min_lr_ratio
     for step, value in hand.items():
         assert learning_rate(step, lm) == pytest.approx(value, rel=1e-12), step
-    no_warmup = load_params(lm_project(tmp_path, repo_params, lr=2.0, warmup_steps=0, max_steps=4,
+    assert all(learning_rate(s, lm) == 0.1 for s in range(110, 400))  # exactly, however long the run goes on
+    # max_steps, the run length, is no part of the schedule
+    longer = load_params(lm_project(tmp_path, repo_params, lr=1.0, warmup_steps=10, decay_steps=110, max_steps=110,
+                                    min_lr_ratio=0.1)).lm
+    assert [learning_rate(s, longer) for s in range(1, 301)] == [learning_rate(s, lm) for s in range(1, 301)]
+    no_warmup = load_params(lm_project(tmp_path, repo_params, lr=2.0, warmup_steps=0, decay_steps=4, max_steps=8,
                                        min_lr_ratio=0.0)).lm
     expected = [1 + math.cos(math.pi * s / 4) for s in range(1, 5)]  # 2 * (1 + cos(pi * progress)) / 2
     assert [learning_rate(s, no_warmup) for s in range(1, 5)] == pytest.approx(expected, abs=1e-15)
+    assert [learning_rate(s, no_warmup) for s in range(4, 9)] == [0.0] * 5
+    only_warmup = load_params(lm_project(tmp_path, repo_params, lr=1.0, warmup_steps=4, decay_steps=4, max_steps=6,
+                                         min_lr_ratio=0.5)).lm
+    assert [learning_rate(s, only_warmup) for s in range(1, 7)] == [0.25, 0.5, 0.75, 1.0, 0.5, 0.5]
 
 
 def test_weight_decay_on_matrices_only(tmp_path, repo_params):
@@ -240,7 +283,7 @@ def test_lm_train_writes_checkpoints_the_best_model_metrics_and_a_champion(proje
     run_train(params)
 
     steps = [5, 10, 15, 20]
-    assert [p.name for p in list_checkpoints()] == [f"step_{s:08d}" for s in steps]
+    assert [p.name for p in store().all()] == [f"step_{s:08d}" for s in steps]
     history = pd.read_csv(OUT_DIR / "history.csv")
     assert list(history.step) == list(range(1, 21))
     assert list(history.dropna(subset=["val_loss"]).step) == steps
@@ -260,7 +303,7 @@ def test_lm_train_writes_checkpoints_the_best_model_metrics_and_a_champion(proje
     assert causal_lm_loss(initial, first_batch).item() == pytest.approx(history.train_loss[0], rel=1e-6)
 
     # the final val loss: the last checkpoint on the first 16 val rows (read with np.fromfile), by hand
-    final = LlamaForCausalLM.from_pretrained(list_checkpoints()[-1])
+    final = LlamaForCausalLM.from_pretrained(store().all()[-1])
     val_rows = torch.from_numpy(shard_rows("val")[:16])
     assert metrics["final_val_loss"] == pytest.approx(hand_cross_entropy(final, val_rows).mean().item(), rel=1e-5)
     # artifacts/lm/model holds the best step's weights
@@ -272,6 +315,7 @@ def test_lm_train_writes_checkpoints_the_best_model_metrics_and_a_champion(proje
     champion = client.get_model_version_by_alias("lm-synthetic", "champion")
     run = client.get_run(champion.run_id)
     assert run.data.tags["labpipe.stage"] == "lm_train" and run.data.params["lm.hidden_size"] == "16"
+    assert "labpipe.init_from" not in run.data.tags and run.data.tags["champion"] == "True"
     assert float(champion.tags["metric.val_loss"]) == pytest.approx(metrics["best_val_loss"])
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")} == set(steps)
     for name in ("train_loss", "lr", "tokens_per_s", "grad_norm"):
@@ -283,63 +327,169 @@ def test_lm_train_writes_checkpoints_the_best_model_metrics_and_a_champion(proje
     assert evaluation["lm_ce"] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
 
 
-def test_checkpoints_keep_the_newest_and_another_fingerprint_starts_afresh(project, tmp_path, repo_params):
-    model = build_model(load_params(lm_project(tmp_path, repo_params)).lm, vocab_size=5)
-    for step in (3, 6, 9):
-        save_checkpoint(model, step, {"fingerprint": "a", "state": {"step": step}}, keep=2)
-    assert [p.name for p in list_checkpoints()] == ["step_00000006", "step_00000009"]
-    path, saved = resume("a")
-    assert path.name == "step_00000009" and saved["state"]["step"] == 9
-    assert resume("b") is None and not CHECKPOINTS.exists()
-
-
-KILL_AT_STEP_13 = """
-import os, signal, sys
-import labpipe.lm.train as train
-real = train.learning_rate
-
-def learning_rate(step, lm):
-    if step == 13:  # SIGKILL in epoch 1 (12 steps per epoch), after checkpoints 5 and 10
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(step, lm)
-
-train.learning_rate = learning_rate
-from labpipe.cli import main
-sys.exit(main(["lm-train"]))
-"""
-
-
-def labpipe_process(directory: Path, script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", script], cwd=directory, capture_output=True, text=True, timeout=300)
-
-
-def test_a_killed_training_resumes_to_the_same_weights_in_the_same_run(project):
+def test_checkpoints_keep_the_newest_and_another_trajectory_starts_afresh(project, capsys):
     directory, repo_params = project
-    write_dataset(HMM.random(3, 5, seed=1))
-    lm_project(directory, repo_params, num_workers=2)  # killed with its loader's workers alive
+    write_dataset(HMM.random(3, 5, seed=0))
+    lm_project(directory, repo_params, max_steps=9, decay_steps=9, checkpoint_every=3, eval_every=3,
+               keep_checkpoints=2)
     run_train(load_params("params.yaml"))
-    reference = LlamaForCausalLM.from_pretrained(CHECKPOINTS / "step_00000020").state_dict()
-    reference_history = pd.read_csv(OUT_DIR / "history.csv")
-    for path in list_checkpoints():
-        os.rename(path, path.with_name("reference_" + path.name))  # out of the resume's sight
+    kept = [p.name for p in store().all()]
+    assert kept == ["step_00000006", "step_00000009"] and [p.name for p in store().resumable()] == kept
+    fingerprint = json.loads((CHECKPOINTS / "run.json").read_text())["fingerprint"]
+    weights = {name: sha256_file(CHECKPOINTS / name / "model.safetensors") for name in kept}
 
-    killed = labpipe_process(directory, KILL_AT_STEP_13)
-    assert killed.returncode == -9, killed.stderr
-    assert [p.name for p in list_checkpoints()] == ["step_00000005", "step_00000010"]
-    run_id = torch.load(CHECKPOINTS / "step_00000010/trainer_state.pt", weights_only=False)["state"]["run_id"]
-    resumed = labpipe_process(directory, "import sys; from labpipe.cli import main; sys.exit(main(['lm-train']))")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from artifacts/lm/checkpoints/step_00000010 (step 10)" in resumed.stdout
+    capsys.readouterr()
+    run_train(load_params("params.yaml", ["lm.seed=1"]))  # another trajectory: not resumed, and nothing deleted
+    out, err = capsys.readouterr()
+    assert "resuming from" not in out and f"moved to {CHECKPOINTS / SUPERSEDED / fingerprint}" in err
+    assert [p.name for p in store().all()] == kept
+    assert {name: sha256_file(CHECKPOINTS / SUPERSEDED / fingerprint / name / "model.safetensors")
+            for name in kept} == weights
+    assert all(sha256_file(CHECKPOINTS / name / "model.safetensors") != weights[name] for name in kept)
+    assert pd.read_csv(OUT_DIR / "history.csv").step.tolist() == list(range(1, 10))  # trained from step 1
 
-    final = LlamaForCausalLM.from_pretrained(CHECKPOINTS / "step_00000020").state_dict()
-    assert all(torch.equal(reference[k], final[k]) for k in reference)
-    pd.testing.assert_frame_equal(reference_history[["step", "train_loss", "val_loss", "lr"]],
-                                  pd.read_csv(OUT_DIR / "history.csv")[["step", "train_loss", "val_loss", "lr"]])
+
+def step_dirs() -> list[str]:
+    return [p.name for p in store().all()]
+
+
+def read_run_id(path: Path) -> str:
+    return torch.load(path / TRAINER_STATE, weights_only=False)["state"]["run_id"]
+
+
+def test_raising_max_steps_extends_a_finished_run_to_a_straight_runs_weights_in_the_same_mlflow_run(
+        tmp_path, mlflow_store, repo_params, monkeypatch, capsys):
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    for directory in (straight, extended):
+        directory.mkdir()
+        make_lm_project(directory, repo_params)  # 24 steps, decay_steps 24
+    monkeypatch.chdir(straight)
+    run_train(load_params("params.yaml"))
+    monkeypatch.chdir(extended)
+    run_train(load_params("params.yaml", ["lm.max_steps=12"]))
+    assert step_dirs() == ["step_00000004", "step_00000008", "step_00000012"]
+    first_run = read_run_id(CHECKPOINTS / "step_00000012")
+    assert MlflowClient().get_run(first_run).info.status == "FINISHED"
+    capsys.readouterr()
+    run_train(load_params("params.yaml"))
+    assert "resuming from artifacts/lm/checkpoints/step_00000012 (step 12)" in capsys.readouterr().out
+
+    names = [f"step_{s:08d}" for s in range(4, 25, 4)]
+    assert step_dirs() == names
+    for name in names:  # every revision, the final weights among them, bit for bit
+        assert sha256_file(CHECKPOINTS / name / "model.safetensors") == sha256_file(
+            straight / CHECKPOINTS / name / "model.safetensors"), name
+    final = LlamaForCausalLM.from_pretrained(CHECKPOINTS / "step_00000024").state_dict()
+    reference = LlamaForCausalLM.from_pretrained(straight / CHECKPOINTS / "step_00000024").state_dict()
+    assert final.keys() == reference.keys() and all(torch.equal(final[k], reference[k]) for k in final)
+    # the best weights and the history too: the evaluation at step 12, made only because the shorter run ended
+    # there, is no longer part of either (tokens_per_s, a timing, differs between any two runs)
+    assert sha256_file(MODEL_DIR / "model.safetensors") == sha256_file(straight / MODEL_DIR / "model.safetensors")
+    columns = ["step", "train_loss", "val_loss", "lr", "grad_norm"]
+    pd.testing.assert_frame_equal(pd.read_csv(OUT_DIR / "history.csv")[columns],
+                                  pd.read_csv(straight / OUT_DIR / "history.csv")[columns])
+    assert pd.read_csv(OUT_DIR / "history.csv").dropna(subset=["val_loss"]).step.tolist() == [8, 16, 24]
+    metrics, straight_metrics = (json.loads((d / OUT_DIR / "metrics.json").read_text()) for d in (extended, straight))
+    for key in ("best_val_loss", "best_step", "final_train_loss", "final_val_loss"):
+        assert metrics[key] == straight_metrics[key], key
+
     client = MlflowClient()
-    assert {m.step for m in client.get_metric_history(run_id, "val_loss")} == {5, 10, 15, 20}
-    assert client.get_run(run_id).info.status == "FINISHED"
+    assert read_run_id(CHECKPOINTS / "step_00000024") == first_run
+    run = client.get_run(first_run)
+    assert run.info.status == "FINISHED" and run.data.tags["labpipe.changed.lm.max_steps"] == "12 -> 24"
+    assert run.data.params["lm.max_steps"] == "12"  # as opened: MLflow params are immutable
+    assert {m.step for m in client.get_metric_history(first_run, "val_loss")} == {8, 12, 16, 24}
+    assert {m.step for m in client.get_metric_history(first_run, "train_loss")} == {4, 8, 12, 16, 20, 24}
     runs = client.search_runs([client.get_experiment_by_name(LINE).experiment_id], "tags.`labpipe.stage` = 'lm_train'")
-    assert len(runs) == 2  # the uninterrupted reference and the killed-and-resumed one
+    assert len(runs) == 2  # the straight one and the extended one
+
+
+def test_extending_retracts_the_evaluation_made_only_because_the_shorter_run_ended():
+    from types import SimpleNamespace
+
+    from labpipe.lm.train import retract_end_evaluation
+    from labpipe.run import Best, TrainState
+
+    at_8, at_12 = Best(8, 2.0, {"w": torch.zeros(2)}), Best(12, 1.5, {"w": torch.ones(2)})
+
+    def finished_at_12(replaced: bool) -> TrainState:
+        history = [{"step": s, "val_loss": {8: 2.0, 12: 1.5 if replaced else 2.5}.get(s, math.nan)}
+                   for s in range(1, 13)]
+        end = {"step": 12, "replaced": replaced, "best": vars(at_8) if replaced else None}
+        return TrainState.from_dict(TrainState(12, "run", history, at_12 if replaced else at_8,
+                                               {"end_evaluation": end}).to_dict())  # as a checkpoint holds it
+
+    for replaced in (True, False):
+        state = finished_at_12(replaced)
+        retract_end_evaluation(SimpleNamespace(state=state, length=12))  # rerun, not extended: kept as it is
+        assert state.best.step == (12 if replaced else 8) and state.history[-1]["val_loss"] in (1.5, 2.5)
+        retract_end_evaluation(SimpleNamespace(state=state, length=24))
+        assert state.best.step == 8 and torch.equal(state.best.weights["w"], torch.zeros(2)), replaced
+        assert math.isnan(state.history[-1]["val_loss"]) and state.history[7]["val_loss"] == 2.0
+        assert "end_evaluation" not in state.extra
+    state = TrainState(12, "run", [{"step": 12, "val_loss": 1.5}], Best(12, 1.5, {}),
+                       {"end_evaluation": {"step": 12, "replaced": True, "best": None}})
+    retract_end_evaluation(SimpleNamespace(state=state, length=24))  # its only evaluation: no best before it
+    assert state.best is None
+
+
+def test_every_checkpoint_keeps_its_weights_only_the_newest_two_the_resume_state(project):
+    from labpipe.dormancy.analysis import list_revisions
+
+    directory, repo_params = project
+    make_lm_project(directory, repo_params)
+    run_train(load_params("params.yaml"))
+    names = [f"step_{s:08d}" for s in range(4, 25, 4)]
+    assert step_dirs() == names
+    for name in names:  # each a published revision: a plain save_pretrained directory
+        assert (CHECKPOINTS / name / "config.json").is_file() and (CHECKPOINTS / name / "model.safetensors").is_file()
+        assert (CHECKPOINTS / name / TRAINER_STATE).is_file() == (name in names[-2:]), name
+    assert [p.name for p in store().resumable()] == names[-2:]
+    revision = LlamaForCausalLM.from_pretrained(CHECKPOINTS / names[0])
+    assert revision.config.hidden_size == 16
+
+    # what dormancy reads from the folder: the step_* revisions, not what was moved aside
+    (CHECKPOINTS / SUPERSEDED / "0123456789abcdef" / "step_00000004").mkdir(parents=True)
+    (CHECKPOINTS / UNREADABLE / "step_00000028").mkdir(parents=True)
+    revisions = list_revisions(load_params("params.yaml").dormancy)  # dormancy.model: artifacts/lm/checkpoints
+    assert [(r.name, r.step, r.source) for r in revisions] == [(n, int(n[5:]), str(CHECKPOINTS / n)) for n in names]
+
+
+def test_init_from_a_previous_runs_checkpoint_starts_from_its_weights(tmp_path, mlflow_store, repo_params,
+                                                                      monkeypatch):
+    previous, tuned = tmp_path / "previous", tmp_path / "tuned"
+    previous.mkdir()
+    tuned.mkdir()
+    make_lm_project(previous, repo_params, max_steps=8, decay_steps=8)
+    monkeypatch.chdir(previous)
+    run_train(load_params("params.yaml"))
+    source = previous / CHECKPOINTS / "step_00000008"
+    make_lm_project(tuned, repo_params, max_steps=4, decay_steps=4, init_from=str(source))
+    monkeypatch.chdir(tuned)
+
+    seen = []  # the weights of the first forward pass, the loss of step 1: step 0's weights
+
+    def recording_loss(model, tokens):
+        if not seen:
+            seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return causal_lm_loss(model, tokens)
+
+    monkeypatch.setattr(lm_train, "causal_lm_loss", recording_loss)
+    params = load_params("params.yaml")
+    run_train(params)
+    loaded = LlamaForCausalLM.from_pretrained(source)
+    expected = loaded.state_dict()
+    assert seen[0].keys() == expected.keys() and all(torch.equal(seen[0][k], expected[k]) for k in expected)
+    first_batch = next(iter(epoch_loader(ShardDataset(load_manifest(), "train"), 8, seed=0)))
+    history = pd.read_csv(OUT_DIR / "history.csv")
+    assert history.step.tolist() == [1, 2, 3, 4]
+    assert history.train_loss[0] == pytest.approx(causal_lm_loss(loaded, first_batch).item(), rel=1e-6)
+    torch.manual_seed(0)
+    seeded = build_model(params.lm, vocab_size=5)  # what the run would have started from without init_from
+    assert history.train_loss[0] != pytest.approx(causal_lm_loss(seeded, first_batch).item(), rel=1e-3)
+
+    run_id = read_run_id(CHECKPOINTS / "step_00000004")
+    assert MlflowClient().get_run(run_id).data.tags["labpipe.init_from"] == str(source)
 
 
 # ---- lm_eval ---------------------------------------------------------------------------------------------------
@@ -416,6 +566,8 @@ BAD_INPUTS = {
     "context": ({"context_length": 8}, None, ValueError,
                 r"sequences have 12 tokens \(synth.seq_length, .*\), more than the model's context: "
                 r"lm.context_length=8"),
+    "init weights": ({"init_from": "elsewhere/step_00000008"}, None, InputError,
+                     r"lm.init_from=elsewhere/step_00000008: cannot load weights"),
 }
 
 

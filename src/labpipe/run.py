@@ -206,6 +206,10 @@ class TrainingRun(contextlib.AbstractContextManager):
 
         try:
             sources, keys = self._init_sources(), self._init_keys()
+            for source, key in zip(sources, keys, strict=True):
+                if Path(source).resolve().is_relative_to(self.out_dir.resolve()):  # would change under the run
+                    raise InputError(f"{key}={source} lies in {self.out_dir}, which this run writes: copy those "
+                                     "weights elsewhere first")
             loaded = [load_weights(source, key) for source, key in zip(sources, keys, strict=True)]
             self.fingerprint_ = self.fingerprint(self._inputs, [weights_digest(w) for w in loaded])
             if loaded:  # before anything on disk changes: weights that do not fit stop here (a resume overwrites)
