@@ -221,5 +221,8 @@ def test_fine_tuning_starts_from_the_registered_champion_and_a_bad_source_is_one
     assert all(torch.equal(champion[name], tensor) for name, tensor in model.state_dict().items())
     with pytest.raises(InputError, match=r"grok.init_from=missing.pt: cannot load weights"):
         _entered_weights(["grok.init_from=missing.pt"])
-    with pytest.raises(InputError, match=r"grok.init_from=.*: the weights do not fit the model"):
-        _entered_weights([f"grok.init_from={OUT_DIR / 'model.pt'}", "grok.width=8"])
+    with pytest.raises(InputError, match=r"lies in artifacts/grok, which this run writes"):
+        _entered_weights([f"grok.init_from={OUT_DIR / 'model.pt'}"])
+    (directory / "best.pt").write_bytes((OUT_DIR / "model.pt").read_bytes())
+    with pytest.raises(InputError, match=r"grok.init_from=best.pt: the weights do not fit the model"):
+        _entered_weights(["grok.init_from=best.pt", "grok.width=8"])
