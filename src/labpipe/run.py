@@ -159,7 +159,6 @@ class TrainingRun(contextlib.AbstractContextManager):
                  init: Callable[[list[dict[str, torch.Tensor]]], None] | None = None):
         self.stage = registry.stage(stage)
         self.spec = self.stage.training
-        self.line = registry.line_of(self.stage.name)
         self.params = params
         self.section = getattr(params, self.spec.section)
         self.out_dir = Path(self.spec.out_dir)
