@@ -11,7 +11,7 @@ OFF = TrackingParams(wandb="off", wandb_project="labpipe-tests")
 
 def test_a_stage_run_logs_params_metrics_artifacts_and_outputs(mlflow_store, tmp_path):
     (tmp_path / "plot.png").write_bytes(b"png")
-    with stage_run(OFF, "line-a", "stage_x", {"grok.lr": 0.001, "mheight.n": [9, 10]}) as run:
+    with stage_run(OFF, "mheight_data", {"grok.lr": 0.001, "mheight.n": [9, 10]}) as run:
         for step in range(3):
             run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
         run.log_artifact(tmp_path / "plot.png", "plots")
@@ -20,31 +20,31 @@ def test_a_stage_run_logs_params_metrics_artifacts_and_outputs(mlflow_store, tmp
     logged = client.get_run(run.run_id)
     assert logged.info.status == "FINISHED"
     assert logged.data.params == {"grok.lr": "0.001", "mheight.n": "[9, 10]"}
-    assert logged.data.tags["labpipe.stage"] == "stage_x" and logged.data.tags["labpipe.line"] == "line-a"
+    assert logged.data.tags["labpipe.stage"] == "mheight_data" and logged.data.tags["labpipe.line"] == "mheight-grokking"
     assert logged.data.tags["dvc.outs"] == "artifacts/a.parquet,artifacts/b.json"
     history = client.get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]
     assert [a.path for a in client.list_artifacts(run.run_id, "plots")] == ["plots/plot.png"]
     experiment = client.get_experiment(logged.info.experiment_id)
-    assert experiment.name == "line-a"
+    assert experiment.name == "mheight-grokking"  # the experiment of the stage's research line
     # Artifacts live beside the database, in mlruns/, whatever the working directory was.
-    assert experiment.artifact_location == (tmp_path / "mlruns" / "line-a").as_uri()
+    assert experiment.artifact_location == (tmp_path / "mlruns" / "mheight-grokking").as_uri()
 
 
 def test_a_failing_stage_marks_its_run_failed(mlflow_store):
-    with pytest.raises(ValueError), stage_run(OFF, "line-a", "stage_x", {}) as run:
+    with pytest.raises(ValueError), stage_run(OFF, "mheight_data", {}) as run:
         raise ValueError("bad input")
     assert MlflowClient().get_run(run.run_id).info.status == "FAILED"
 
 
 def test_resume_continues_the_same_run(mlflow_store):
-    with stage_run(OFF, "line-a", "train", {"a": 1}) as first:
+    with stage_run(OFF, "grok_train", {"a": 1}) as first:
         first.log_metrics({"loss": 2.0}, step=1)
-    with stage_run(OFF, "line-a", "train", {"a": 1}, resume_run_id=first.run_id) as second:
+    with stage_run(OFF, "grok_train", {"a": 1}, resume_run_id=first.run_id) as second:
         second.log_metrics({"loss": 1.0}, step=2)
     assert second.run_id == first.run_id
     assert [m.value for m in MlflowClient().get_metric_history(first.run_id, "loss")] == [2.0, 1.0]
-    with stage_run(OFF, "line-a", "train", {"a": 1}, resume_run_id="0" * 32) as fresh:  # not in this store
+    with stage_run(OFF, "grok_train", {"a": 1}, resume_run_id="0" * 32) as fresh:  # not in this store
         pass
     assert fresh.run_id != first.run_id
 
@@ -54,7 +54,7 @@ def _log_and_register(scale: float, val_loss: float):
     with torch.no_grad():
         model.weight.fill_(scale)
         model.bias.zero_()
-    with stage_run(OFF, "line-a", "train", {}) as run:
+    with stage_run(OFF, "grok_train", {}) as run:
         version = register_if_better(run.log_torch_model(model), "regressor", "val_loss", val_loss)
     return version
 
@@ -75,7 +75,7 @@ def test_wandb_offline_mirror_records_the_same_metrics(mlflow_store, tmp_path, m
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     offline = TrackingParams(wandb="offline", wandb_project="labpipe-tests")
-    with stage_run(offline, "line-a", "train", {"grok.lr": 0.1}) as run:
+    with stage_run(offline, "grok_train", {"grok.lr": 0.1}) as run:
         run.log_metrics({"mirrored_loss": 0.25}, step=1)
     [run_dir] = (tmp_path / "wandb").glob(f"offline-run-*-{run.run_id}")  # same id as the MLflow run
     record = next(run_dir.glob("run-*.wandb")).read_bytes()
@@ -86,7 +86,7 @@ def test_wandb_offline_mirror_records_the_same_metrics(mlflow_store, tmp_path, m
 def test_stages_log_to_a_remote_mlflow_server_over_http(mlflow_server, tmp_path):
     uri, artifact_dir = mlflow_server
     (tmp_path / "metrics.json").write_text('{"loss": 0.5}')
-    with stage_run(OFF, "line-remote", "stage_y", {"grok.lr": 0.01}) as run:
+    with stage_run(OFF, "dormancy", {"grok.lr": 0.01}) as run:
         run.log_metrics({"loss": 0.5}, step=3)
         run.log_artifact(tmp_path / "metrics.json")
     client = MlflowClient(uri)

@@ -134,7 +134,11 @@ def stage(name: str) -> Stage:
 
 
 def line_of(stage_name: str) -> Line:
-    return next(line for line in LINES if any(s.name == stage_name for s in line.stages))
+    """The research line that owns the DVC stage `stage_name`."""
+    for line in LINES:
+        if any(s.name == stage_name for s in line.stages):
+            return line
+    raise KeyError(f"no research line has a stage {stage_name!r}: the stages are {', '.join(STAGES)}")
 
 
 def resolve(target: str):
