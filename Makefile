@@ -38,11 +38,12 @@ run: setup data
 run-full: setup data
 	dvc exp run $$(labpipe profile params.full.yaml)
 
+# One pytest worker per core (pytest-xdist): most of the suite's time is subprocesses importing torch and MLflow.
 test: setup
-	$(BIN)/python -m pytest -m "not slurm"
+	$(BIN)/python -m pytest -m "not slurm" -n auto --dist worksteal
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not slurm"
+	$(BIN)/python -m pytest -m "not slow and not slurm" -n auto --dist worksteal
 
 # labpipe jobs on a real single-node Slurm cluster that the tests start on this machine (tests/slurm_cluster.py):
 # Debian's slurm-wlm and munge, installed when missing (root, apt).

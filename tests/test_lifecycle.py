@@ -8,8 +8,10 @@ new trajectory, one run per output folder, and a truncated newest checkpoint fal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import io
 import json
 import os
 import random
@@ -18,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +28,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from labpipe import registry
+from labpipe import cli, registry
 from labpipe.checkpoint import RUN_RECORD, SUPERSEDED, Checkpoints
 
 # stage -> (test module, its project builder: (directory, repo_params, **section overrides) -> None)
@@ -49,13 +52,33 @@ TIMINGS = {"tokens_per_s", "epoch_seconds", "seconds"}
 
 
 def labpipe(directory: Path, stage: str, *sets: str, env: dict | None = None, wait: bool = True):
-    command = [sys.executable, "-m", "labpipe", registry.STAGES[stage].verb, *(f"--set={s}" for s in sets)]
-    job = subprocess.Popen(command, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           env={**os.environ, **(env or {})})
+    """`labpipe <verb> --set ...` in `directory`: in this process (a run costs its imports once), or in its own
+    process where the test needs one (to kill it, or to import a copied package)."""
+    argv = [registry.STAGES[stage].verb, *(f"--set={s}" for s in sets)]
+    if env is None and wait:
+        return in_process(directory, argv)
+    job = subprocess.Popen([sys.executable, "-m", "labpipe", *argv], cwd=directory, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     if not wait:
         return job
     out, err = job.communicate(timeout=600)
-    return subprocess.CompletedProcess(command, job.returncode, out, err)
+    return subprocess.CompletedProcess(argv, job.returncode, out, err)
+
+
+def in_process(directory: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """What `python -m labpipe` would do: a bug's traceback goes to stderr with exit code 1."""
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(directory)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -184,12 +207,13 @@ def test_a_changed_param_moves_checkpoints_aside_and_back_and_a_bad_one_changes_
 
 @pytest.mark.slow
 def test_a_code_edit_starts_a_new_trajectory_a_docstring_edit_does_not(make, tmp_path):
-    """The package copied, then edited: the fingerprint hashes the syntax of the stage's import closure."""
+    """A finished run, then the package copied and edited: the fingerprint hashes the syntax of the stage's
+    import closure (file names relative to the package), so the unedited copy would resume too."""
     directory = make("grok_train")
+    ok(labpipe(directory, "grok_train"))
     source = tmp_path / "src"
     shutil.copytree(Path(registry.__file__).parent, source / "labpipe")
     env = {"PYTHONPATH": str(source)}
-    ok(labpipe(directory, "grok_train", env=env))
     models = source / "labpipe/grok/models.py"
     models.write_text(models.read_text().replace('"""Pre-norm residual MLP block', '"""A pre-norm residual block'))
     assert "resuming from" in ok(labpipe(directory, "grok_train", env=env)).stdout
