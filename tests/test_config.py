@@ -44,6 +44,7 @@ def test_int_is_accepted_for_a_float_but_not_the_reverse():
         ("grok.model=vit", r"grok\.model must be one of resnet, moe; got 'vit'"),
         ("mheight.n=9", r"mheight\.n must be a list"),
         ("mheight.n=[9, x]", r"mheight\.n\[1\] must be int, got str 'x'"),
+        ("hmm.eps=0.01", r"hmm\.eps=0\.01 must be below 1 / max\(hmm\.hidden_states, hmm\.vocab_size\) = 0\.01"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -94,3 +95,47 @@ def test_cli_reports_config_errors_without_a_traceback(capsys):
     assert main(["params", "--params", str(REPO / "params.yaml"), "--set", "grok.nope=1"]) == 2
     err = capsys.readouterr().err
     assert "labpipe params: error: unknown key 'grok.nope'" in err and "Traceback" not in err
+
+
+def _numeric_fields():
+    """(dotted key, base type, Bound or None) for every int/float param, list items as key[0]."""
+    import typing
+
+    from labpipe.config import Bound, _field_types
+
+    for section, section_type in _field_types(Params).items():
+        if not dataclasses.is_dataclass(section_type):
+            continue
+        for name, tp in _field_types(section_type).items():
+            key = f"{section}.{name}"
+            if typing.get_origin(tp) is tuple:
+                tp, key = typing.get_args(tp)[0], key + "[0]"
+            base, *extras = typing.get_args(tp) if typing.get_origin(tp) is typing.Annotated else (tp,)
+            if base in (int, float):
+                yield key, base, next((e for e in extras if isinstance(e, Bound)), None)
+
+
+def test_every_numeric_param_declares_its_range():
+    assert [key for key, _base, bound in _numeric_fields() if bound is None] == []
+
+
+def _outside(base, bound):
+    """Values just outside `bound`, and the non-finite floats."""
+    if bound.low is not None:
+        yield bound.low if bound.low_open else bound.low - (1 if base is int else 1e-9 * max(1, abs(bound.low)))
+    if bound.high is not None:
+        yield bound.high if bound.high_open else bound.high + (1 if base is int else 1e-9 * max(1, abs(bound.high)))
+    if base is float:
+        yield from (".nan", ".inf", "-.inf")
+
+
+@pytest.mark.parametrize(("key", "base", "bound"), list(_numeric_fields()), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_value_outside_the_declared_range_is_refused_naming_key_and_range(key, base, bound):
+    """Generated from the schema: every bound of every numeric param, through --set as through params.yaml."""
+    name, _, item = key.partition("[")
+    for value in _outside(base, bound):
+        override = f"{name}=[{value}]" if item else f"{name}={value}"
+        with pytest.raises(ConfigError) as refused:
+            load_params(REPO / "params.yaml", [override])
+        message = str(refused.value)
+        assert key in message and "must be" in message and "\n" not in message, message

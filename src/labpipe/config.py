@@ -133,13 +133,19 @@ class HMMParams:
     epochs: Count  # run length: raising it extends a finished run
     batch_size: Count
     update_freq: Count  # M-step every update_freq minibatches (and at the end of each epoch)
-    eps: Annotated[float, Bound(0, 0.01)]  # probability floor: a symbol absent from a batch never gets probability 0
+    eps: Annotated[float, Bound(0, 0.01, low_open=True)]  # probability floor: a symbol absent from a batch never
+    #                                                        gets probability 0; eps * max(H, K) < 1
     seed: Natural
     init_from: str  # "" | an hmm model.pt or checkpoint | models:/hmm-K100@champion: EM starts from that HMM
     device: str
     checkpoint_every: Count
     keep_checkpoints: Natural
     memory_budget_gb: Positive  # refuse to start when the E-step's estimated peak memory exceeds it
+
+    def __post_init__(self):
+        if self.eps * max(self.hidden_states, self.vocab_size) >= 1:  # rows of that length cannot all be >= eps
+            raise ConfigError(f"hmm.eps={self.eps:g} must be below 1 / max(hmm.hidden_states, hmm.vocab_size) = "
+                              f"{1 / max(self.hidden_states, self.vocab_size):g}")
 
 
 @dataclasses.dataclass(frozen=True)
