@@ -1,13 +1,17 @@
-"""Shared fixtures: a private MLflow store per test, a real MLflow server, the repo's params as a mutable dict."""
+"""Shared fixtures and helpers: a private MLflow store per test, a real MLflow server, the repo's params as a
+mutable dict (and shrunk to a tiny size), labpipe run in this process."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pytest
@@ -71,6 +75,46 @@ def mlflow_server(tmp_path, monkeypatch):
 def repo_params() -> dict:
     """The repo's params.yaml as a dict, to shrink and write into a test project."""
     return yaml.safe_load((REPO / "params.yaml").read_text().replace(": off", ': "off"'))
+
+
+def tiny_params(params: dict) -> dict:
+    """`params` (the repo's) shrunk so that every stage of the pipeline runs in seconds on a laptop CPU."""
+    params["mheight"].update({"n": [9], "k": [4, 5], "samples_per_group": 12, "train_per_group": 6,
+                              "val_per_group": 6, "workers": 1})
+    params["grok"].update({"width": 16, "blocks": 1, "batch_size": 16, "epochs": 6, "val_every": 3,
+                           "checkpoint_every": 3, "device": "cpu"})
+    params["text"].update({"stories": 60, "vocab_sizes": [60, 100]})
+    params["hmm"].update({"vocab_size": 60, "hidden_states": 4, "epochs": 2, "checkpoint_every": 1, "device": "cpu"})
+    params["synth"].update({"seq_length": 16, "sequences_per_shard": 64, "train_shards": 2, "val_shards": 1,
+                            "block_sequences": 32})
+    params["lm"].update({"hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32, "context_length": 16,
+                         "batch_size": 8, "warmup_steps": 2, "max_steps": 4, "eval_every": 2, "eval_sequences": 16,
+                         "checkpoint_every": 2, "device": "cpu"})
+    params["dormancy"].update({"samples": 16, "device": "cpu"})
+    params["crosscoder"].update({"source_a": "artifacts/lm/checkpoints/step_00000002",
+                                 "source_b": "artifacts/lm/checkpoints/step_00000004", "layer_a": 0, "layer_b": 0,
+                                 "buffer_tokens": 512, "dict_size": 32, "steps": 6, "batch_size": 64, "log_every": 3,
+                                 "checkpoint_every": 3, "device": "cpu", "l1_warmup_steps": 2, "lr_warmup_steps": 2})
+    return params
+
+
+def run_labpipe(directory: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """`labpipe ARGV` in `directory`, in this process (a stage costs its imports once): what `python -m labpipe`
+    would print and return, a bug's traceback going to stderr with exit code 1."""
+    from labpipe import cli
+
+    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(directory)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(argv)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(before)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def write_params(directory: Path, params: dict) -> Path:

@@ -129,7 +129,8 @@ def _outside(base, bound):
         yield from (".nan", ".inf", "-.inf")
 
 
-@pytest.mark.parametrize(("key", "base", "bound"), list(_numeric_fields()), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(("key", "base", "bound"), list(_numeric_fields()),
+                         ids=lambda v: v if isinstance(v, str) else "")
 def test_a_value_outside_the_declared_range_is_refused_naming_key_and_range(key, base, bound):
     """Generated from the schema: every bound of every numeric param, through --set as through params.yaml."""
     name, _, item = key.partition("[")

@@ -8,10 +8,8 @@ new trajectory, one run per output folder, and a truncated newest checkpoint fal
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
-import io
 import json
 import os
 import random
@@ -20,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +25,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from labpipe import cli, registry
+from conftest import run_labpipe
+from labpipe import registry
 from labpipe.checkpoint import RUN_RECORD, SUPERSEDED, Checkpoints
 
 # stage -> (test module, its project builder: (directory, repo_params, **section overrides) -> None)
@@ -56,29 +54,13 @@ def labpipe(directory: Path, stage: str, *sets: str, env: dict | None = None, wa
     process where the test needs one (to kill it, or to import a copied package)."""
     argv = [registry.STAGES[stage].verb, *(f"--set={s}" for s in sets)]
     if env is None and wait:
-        return in_process(directory, argv)
+        return run_labpipe(directory, argv)
     job = subprocess.Popen([sys.executable, "-m", "labpipe", *argv], cwd=directory, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     if not wait:
         return job
     out, err = job.communicate(timeout=600)
     return subprocess.CompletedProcess(argv, job.returncode, out, err)
-
-
-def in_process(directory: Path, argv: list[str]) -> subprocess.CompletedProcess:
-    """What `python -m labpipe` would do: a bug's traceback goes to stderr with exit code 1."""
-    out, err, before = io.StringIO(), io.StringIO(), os.getcwd()
-    os.chdir(directory)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = cli.main(argv)
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        os.chdir(before)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -228,7 +210,7 @@ def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(make):
     first = labpipe(directory, "grok_train", wait=False)
     lock = out_dir(directory, "grok_train") / ".lock"
     deadline = time.time() + 120
-    while not lock.exists():
+    while not store(directory, "grok_train").all():  # training: past the lock and MLflow's store set-up
         assert first.poll() is None and time.time() < deadline
         time.sleep(0.05)
     second = labpipe(directory, "grok_train")
@@ -253,3 +235,24 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(make):
     assert "resuming from artifacts/grok/checkpoints/epoch_00000004.pt" in resumed.stdout
     assert (newest.parent / "unreadable" / newest.name).exists()  # kept, aside
     assert digest(out_dir(damaged, "grok_train") / "model.pt") == digest(out_dir(reference, "grok_train") / "model.pt")
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_run_killed_and_changes_no_output(make):
+    """scancel, docker stop, kill: the run unwinds, MLflow says KILLED, the outputs stay those of the last success."""
+    directory = make("grok_train")
+    ok(labpipe(directory, "grok_train"))
+    outputs = {k: v for k, v in snapshot(out_dir(directory, "grok_train")).items() if "checkpoints" not in k}
+    finished = store(directory, "grok_train").all()[-1]
+    job = labpipe(directory, "grok_train", "grok.epochs=100000", wait=False)  # extends the finished run
+    deadline = time.time() + 120
+    while store(directory, "grok_train").all()[-1] == finished:
+        assert job.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "labpipe grok-train: terminated (SIGTERM): outputs left as they were"
+    assert {k: v for k, v in snapshot(out_dir(directory, "grok_train")).items() if "checkpoints" not in k} == outputs
+    assert MlflowClient().get_run(run_id(directory, "grok_train")).info.status == "KILLED"
+    assert not (out_dir(directory, "grok_train") / ".lock").exists()

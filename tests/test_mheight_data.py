@@ -123,7 +123,7 @@ def test_dataset_schema_round_trip_and_foreign_files_refused(tmp_path):
     back = read_dataset(tmp_path / "d.parquet")
     assert back.height.tolist() == [math.inf] and np.array_equal(back.P[0], np.arange(20.0))
     pd.DataFrame({"x": [1]}).to_parquet(tmp_path / "foreign.parquet")
-    with pytest.raises(ValueError, match="differs from labpipe's"):
+    with pytest.raises(ValueError, match=r"foreign.parquet: columns \(x: int64\) are not labpipe's"):
         read_dataset(tmp_path / "foreign.parquet")
     assert SCHEMA.names == ["n", "k", "m", "P", "height"]
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import copy_project, write_params
+from conftest import copy_project, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -24,24 +24,7 @@ def _sh(args: list[str], cwd: Path, env: dict) -> str:
 def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(tmp_path, repo_params):
     project = tmp_path / "project"
     copy_project(project)
-    repo_params["mheight"].update({"n": [9], "k": [4, 5], "samples_per_group": 12, "train_per_group": 6,
-                                   "val_per_group": 6, "workers": 1})
-    repo_params["grok"].update({"width": 16, "blocks": 1, "batch_size": 16, "epochs": 6, "val_every": 3,
-                                "checkpoint_every": 3, "device": "cpu"})
-    repo_params["text"].update({"stories": 60, "vocab_sizes": [60, 100]})
-    repo_params["hmm"].update({"vocab_size": 60, "hidden_states": 4, "epochs": 2, "checkpoint_every": 1,
-                               "device": "cpu"})
-    repo_params["synth"].update({"seq_length": 16, "sequences_per_shard": 64, "train_shards": 2, "val_shards": 1,
-                                 "block_sequences": 32})
-    repo_params["lm"].update({"hidden_size": 16, "layers": 1, "heads": 2, "intermediate_size": 32,
-                              "context_length": 16, "batch_size": 8, "warmup_steps": 2, "max_steps": 4,
-                              "eval_every": 2, "eval_sequences": 16, "checkpoint_every": 2, "device": "cpu"})
-    repo_params["crosscoder"].update({"source_a": "artifacts/lm/checkpoints/step_00000002",
-                                      "source_b": "artifacts/lm/checkpoints/step_00000004", "layer_a": 0,
-                                      "layer_b": 0, "buffer_tokens": 512, "dict_size": 32, "steps": 6,
-                                      "batch_size": 64, "log_every": 3, "checkpoint_every": 3, "device": "cpu",
-                                      "l1_warmup_steps": 2, "lr_warmup_steps": 2})
-    write_params(project, repo_params)
+    write_params(project, tiny_params(repo_params))
     uri = f"sqlite:///{project / 'mlflow.db'}"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": uri, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",

@@ -17,7 +17,15 @@ from labpipe import registry
 from labpipe.cli import main
 from labpipe.config import load_params
 from labpipe.hmm import HMM
-from labpipe.synth.generate import BlockSampler, alias_table, alias_tables, run_synth, run_verify, start_distribution
+from labpipe.synth.generate import (
+    BlockSampler,
+    alias_table,
+    alias_tables,
+    progress_file,
+    run_synth,
+    run_verify,
+    start_distribution,
+)
 from labpipe.synth.manifest import MANIFEST, ShardError, load_manifest, permuted_hmm
 
 # ---- alias tables and the sampler ----------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def write_manifest(path, header, shards):
     listed.append(len(shards))
 
 def sample(self, rng, n=None):  # SIGKILL in the third shard, its first block written to its temp file
-    if listed[-1] == 2:
+    if listed and listed[-1] == 2:
         samples_of_third.append(n)
         if len(samples_of_third) == 2:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -239,7 +247,9 @@ def test_a_killed_run_resumes_to_the_same_shards(project):
 
     killed = _labpipe(directory, script=KILL_IN_SHARD_3)
     assert killed.returncode == -9, killed.stderr
-    assert [s.file for s in load_manifest().shards] == ["train_00000.bin", "train_00001.bin"]
+    assert not MANIFEST.exists()  # the manifest comes last; the run's progress lists the complete shards
+    progress = load_manifest(progress_file(directory / "shards"))
+    assert [s.file for s in progress.shards] == ["train_00000.bin", "train_00001.bin"]
     assert not (directory / "shards" / "train_00002.bin").exists()
     assert len(list((directory / "shards").glob(".train_00002.bin.*.tmp"))) == 1  # never listed
     kept = {name: (directory / "shards" / name).stat().st_ino for name in ("train_00000.bin", "train_00001.bin")}
@@ -250,7 +260,7 @@ def test_a_killed_run_resumes_to_the_same_shards(project):
     assert load_manifest().shards == reference_shards  # each shard listed once, in order
     assert _shard_bytes(directory / "shards") == reference
     assert {name: (directory / "shards" / name).stat().st_ino for name in kept} == kept
-    assert not list((directory / "shards").glob(".*.tmp"))
+    assert not list((directory / "shards").glob(".*.tmp")) and not progress_file(directory / "shards").exists()
 
 
 def _cycle_hmm(states: int) -> HMM:

@@ -7,6 +7,7 @@ import datasets
 import numpy as np
 import pytest
 
+from labpipe.errors import InputError
 from labpipe.text import (
     build_vocab,
     generate_stories,
@@ -175,7 +176,7 @@ def test_load_stories_from_tinystories_text(tmp_path):
 def test_load_stories_missing_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for missing in (str(tmp_path / "nope"), "data/stories.txt", "./stories", "a/b/c"):  # none of them a hub name
-        with pytest.raises(FileNotFoundError, match=re.escape("no such file or directory: ")):
+        with pytest.raises(InputError, match=re.escape("no such file or directory")):
             load_stories(missing, "train")
 
 

@@ -20,7 +20,8 @@ def test_a_stage_run_logs_params_metrics_artifacts_and_outputs(mlflow_store, tmp
     logged = client.get_run(run.run_id)
     assert logged.info.status == "FINISHED"
     assert logged.data.params == {"grok.lr": "0.001", "mheight.n": "[9, 10]"}
-    assert logged.data.tags["labpipe.stage"] == "mheight_data" and logged.data.tags["labpipe.line"] == "mheight-grokking"
+    assert logged.data.tags["labpipe.stage"] == "mheight_data"
+    assert logged.data.tags["labpipe.line"] == "mheight-grokking"
     assert logged.data.tags["dvc.outs"] == "artifacts/a.parquet,artifacts/b.json"
     history = client.get_metric_history(run.run_id, "loss")
     assert [(m.step, m.value) for m in history] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from labpipe.files import atomic_dir, save_torch, write_json
+from labpipe.inputs import load_torch
 
 RUN_RECORD = "run.json"  # the fingerprint of the trajectory and the params that made it
 TRAINER_STATE = "trainer_state.pt"  # the resume state inside a directory checkpoint
@@ -135,8 +136,8 @@ class Checkpoints:
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    # weights_only=False: our checkpoints hold RNG states and plain Python records, and are our own files.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint's state, loaded safely: tensors (RNG states too) and plain Python records."""
+    return load_torch(path, "labpipe checkpoint")
 
 
 class TorchRNG:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
+import threading
 
 from labpipe import registry
 from labpipe.config import Params, apply_override, build, flatten, load_params, parse_yaml
-from labpipe.errors import UserError
+from labpipe.errors import Terminated, UserError
 
 # verb -> (module:function, what it does), from the registry of research lines; imported only when it runs.
 STAGES = {stage.verb: (stage.entry, stage.help) for stage in registry.STAGES.values()}
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     profile.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
 
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         if args.verb == "dormancy":
             args.set = _dormancy_overrides(args) + args.set
@@ -69,7 +73,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"labpipe {args.verb}: error: {error.filename}: {error.strerror}", file=sys.stderr)
         return 1
+    except Terminated:
+        print(f"labpipe {args.verb}: terminated (SIGTERM): outputs left as they were", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def _add_params_args(parser: argparse.ArgumentParser) -> None:

@@ -288,7 +288,11 @@ def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
-    raw = parse_yaml(path.read_text(), where=str(path)) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    raw = parse_yaml(text, where=str(path)) or {}
     for override in overrides:
         apply_override(raw, override)
     return build(Params, raw, where=str(path))

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import importlib.metadata
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -197,35 +196,19 @@ def stage_sections(stage: str) -> set[str]:
 
 
 def check_mlflow(timeout: float) -> Check:
-    from labpipe.tracking import tracking_uri
+    from labpipe.tracking import store_problem, tracking_uri
 
     uri = tracking_uri()
     data: dict[str, Any] = {"uri": uri, "client_version": importlib.metadata.version("mlflow")}
+    problem = store_problem(uri, timeout)
+    data["reachable"] = problem is None
+    if problem is not None:
+        return Check("mlflow", FAIL, problem, data)
     if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        target = database if database.exists() else database.parent
-        data["reachable"] = target.is_dir() or target.is_file()
-        if not data["reachable"]:
-            return Check("mlflow", FAIL, f"{uri}: the directory {database.parent} does not exist", data)
-        if not os.access(target, os.W_OK):
-            return Check("mlflow", FAIL, f"{uri}: {target} is not writable", data)
         return Check("mlflow", OK, f"{uri} (writable)", data)
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                response.read()
-            with urllib.request.urlopen(uri.rstrip("/") + "/version", timeout=timeout) as response:
-                data["server_version"] = response.read().decode().strip()
-        except urllib.error.HTTPError as error:
-            data["reachable"] = False
-            return Check("mlflow", FAIL, f"MLflow server {uri} answered HTTP {error.code} to GET {error.url}", data)
-        except (urllib.error.URLError, OSError) as error:
-            data["reachable"] = False
-            reason = getattr(error, "reason", error)
-            return Check("mlflow", FAIL, f"MLflow server {uri} is unreachable ({reason}; GET /health, "
-                         f"{timeout:g} s timeout): start it (docker compose up -d mlflow) or point "
-                         "MLFLOW_TRACKING_URI at a running one (unset: this project's mlflow.db)", data)
-        data["reachable"] = True
+        with urllib.request.urlopen(uri.rstrip("/") + "/version", timeout=timeout) as response:
+            data["server_version"] = response.read().decode().strip()
         return Check("mlflow", OK, f"{uri}: server {data['server_version']} healthy", data)
     data["reachable"] = None
     return Check("mlflow", WARN, f"{uri}: not checked (doctor knows sqlite:/// and http(s):// stores)", data)

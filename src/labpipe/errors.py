@@ -17,6 +17,11 @@ class InputError(UserError, ValueError):
     """An input file or value that the stage cannot use (ValueError too, for callers that catch that)."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (Slurm's scancel, docker stop, kill): unwinds like an interrupt, so the MLflow run is marked
+    KILLED, staged outputs are dropped and locks released; a BaseException, so no `except Exception` eats it."""
+
+
 class BusyError(UserError):
     """The output folder is in use by another run."""
 

@@ -25,13 +25,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
+        with _naming(path):
+            yield tmp
+            with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A write that fails without saying where (a full disk: ENOSPC from write()) names the output it was for."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+
+
+def require_free(directory: str | Path, needed: int, knob: str) -> None:
+    """Refuse, before writing anything, an output of `needed` bytes that `directory` has no room for."""
+    from labpipe.errors import InputError
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise InputError(f"{directory}: the output needs {needed:,} bytes, {free:,} are free (point {knob} at a "
+                         "larger disk)")
 
 
 def _umask() -> int:
@@ -50,7 +74,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _naming(path):
+            yield tmp
         for file in tmp.rglob("*"):
             if file.is_file():
                 with open(file, "rb+") as f:
@@ -66,6 +91,36 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_outputs(root: str | Path, published: list[Path] | None = None) -> Iterator[Path]:
+    """Yield a staging folder mirroring `root`: what the block writes there replaces the outputs under `root`
+    only when the whole block succeeds (files one by one, save_pretrained directories whole); a stage that
+    fails halfway leaves every old output as it was. The paths published are appended to `published`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        yield staging
+        for path in sorted(staging.rglob("*")):
+            if not path.exists():  # inside a directory moved whole
+                continue
+            target = root / path.relative_to(staging)
+            whole = path.is_dir() and (path / "config.json").is_file()  # a save_pretrained directory
+            if whole and target.exists():
+                old = target.with_name(f".{target.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(target, old)
+                os.replace(path, target)
+                shutil.rmtree(old)
+            elif whole or path.is_file():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+            if (whole or path.is_file()) and published is not None:
+                published.append(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

@@ -26,10 +26,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,8 @@ from labpipe import closure, registry
 from labpipe.checkpoint import Checkpoints, GeneratorState
 from labpipe.config import Params, flatten
 from labpipe.errors import InputError, UserError
-from labpipe.files import sha256_file
+from labpipe.files import sha256_file, staged_outputs
+from labpipe.inputs import from_pretrained, load_torch
 from labpipe.lock import output_lock
 
 FORMAT = 2  # of the checkpoint payload
@@ -99,12 +97,12 @@ def load_weights(source: str, key: str) -> dict[str, torch.Tensor]:
         if (path / "config.json").is_file():
             from transformers import AutoModelForCausalLM
 
-            return AutoModelForCausalLM.from_pretrained(path).state_dict()
+            return from_pretrained(AutoModelForCausalLM, path, "causal LM").state_dict()
         if path.is_dir() and (path / "trainer_state.pt").is_file():
-            raise InputError(f"{key}={source}: a directory checkpoint without config.json")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-    except UserError:
-        raise
+            raise InputError("a directory checkpoint without config.json")
+        saved = load_torch(path, "model file")
+    except InputError as error:
+        raise InputError(f"{key}={source}: cannot load weights ({error})") from None
     except Exception as error:  # noqa: BLE001 - whatever the reason, the user's source is not usable
         raise InputError(f"{key}={source}: cannot load weights ({type(error).__name__}: {error})") from None
     if isinstance(saved, dict):
@@ -231,8 +229,8 @@ class TrainingRun(contextlib.AbstractContextManager):
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self._exit.close()
+    def __exit__(self, *exc) -> bool:
+        return self._exit.__exit__(*exc)  # the exception reaches the MLflow run (FAILED, KILLED) and the lock
 
     def _restore(self, path: Path, saved: dict) -> None:
         self.state = TrainState.from_dict(saved["state"])
@@ -305,31 +303,10 @@ class TrainingRun(contextlib.AbstractContextManager):
 
     # ------------------------------------------------------------------ the end
 
-    @contextlib.contextmanager
-    def outputs(self) -> Iterator[Path]:
-        """A staging folder mirroring the output folder: what the block writes there replaces the outputs
-        only when the whole block succeeds (files one by one; save_pretrained directories whole)."""
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir))
-        try:
-            yield staging
-            for path in sorted(staging.rglob("*")):
-                if not path.exists():  # inside a directory moved whole
-                    continue
-                target = self.out_dir / path.relative_to(staging)
-                whole = path.is_dir() and (path / "config.json").is_file()  # a save_pretrained directory
-                if whole and target.exists():
-                    old = target.with_name(f".{target.name}.old")
-                    shutil.rmtree(old, ignore_errors=True)
-                    os.replace(target, old)
-                    os.replace(path, target)
-                    shutil.rmtree(old)
-                elif whole or path.is_file():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, target)
-                if whole or path.is_file():
-                    self.published.append(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def outputs(self) -> contextlib.AbstractContextManager[Path]:
+        """A staging folder mirroring the output folder (files.staged_outputs): what the block writes there
+        replaces the outputs only when the whole block succeeds."""
+        return staged_outputs(self.out_dir, self.published)
 
     def finish(self, model: torch.nn.Module, metrics: Mapping[str, Any]) -> None:
         """Log what outputs() published (its PNG and JSON files as artifacts), log `model` (the best weights),

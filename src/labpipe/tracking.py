@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ from mlflow.entities.model_registry import ModelVersion  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from labpipe.config import TrackingParams  # noqa: E402
+from labpipe.errors import Terminated, UserError  # noqa: E402
 
 CHAMPION = "champion"
 
@@ -40,6 +43,50 @@ def artifact_location(uri: str, experiment: str) -> str | None:
         database = Path(uri.removeprefix("sqlite:///"))
         return (database.resolve().parent / "mlruns" / experiment).as_uri()
     return None
+
+
+class TrackingError(UserError):
+    """The MLflow store cannot be used (unreachable server, missing folder, unknown scheme)."""
+
+    exit_code = 1
+
+
+STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql", "databricks")
+
+
+def store_problem(uri: str, timeout: float) -> str | None:
+    """What makes the MLflow store at `uri` unusable, in one line, within `timeout` seconds; None if nothing
+    (a sqlite folder that exists and is writable, a server that answers GET /health; other stores unchecked)."""
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        target = database if database.exists() else database.parent
+        if not target.exists():
+            return f"{uri}: the directory {database.parent} does not exist"
+        if not os.access(target, os.W_OK):
+            return f"{uri}: {target} is not writable"
+        return None
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as error:
+            return f"MLflow server {uri} answered HTTP {error.code} to GET {error.url}"
+        except (urllib.error.URLError, OSError) as error:
+            return (f"MLflow server {uri} is unreachable ({getattr(error, 'reason', error)}; GET /health, "
+                    f"{timeout:g} s timeout): start it (docker compose up -d mlflow) or point MLFLOW_TRACKING_URI "
+                    "at a running one (unset: this project's mlflow.db)")
+        return None
+    scheme, sep, _ = uri.partition("://")
+    if sep and scheme.split("+")[0] not in STORE_SCHEMES:
+        return f"{uri}: not an MLflow tracking URI (a path, or one of {', '.join(STORE_SCHEMES)})"
+    return None
+
+
+def check_store(timeout: float = 5.0) -> None:
+    """Fail fast with one line when the store cannot be used: MLflow itself would retry for minutes."""
+    problem = store_problem(tracking_uri(), timeout)
+    if problem is not None:
+        raise TrackingError(problem)
 
 
 def experiment_id(name: str) -> str:
@@ -109,6 +156,7 @@ def stage_run(
     from labpipe.registry import line_of
 
     line = line_of(stage).experiment
+    check_store()
     mlflow.set_tracking_uri(tracking_uri())
     resume = resume_run_id if run_exists(resume_run_id) else None
     dvc_experiment = os.environ.get("DVC_EXP_NAME")
@@ -122,6 +170,9 @@ def stage_run(
         wandb_run = _open_wandb_mirror(tracking, line, stage, params, run.info.run_id)
         try:
             yield StageRun(run.info.run_id, wandb_run)
+        except Terminated:
+            mlflow.end_run("KILLED")
+            raise
         finally:
             if wandb_run is not None:
                 wandb_run.finish()

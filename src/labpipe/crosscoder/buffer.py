@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
 import math
 import queue
 import shutil
@@ -43,7 +42,8 @@ from tqdm import tqdm
 from labpipe.config import CrosscoderParams, Params
 from labpipe.device import resolve_device
 from labpipe.errors import InputError
-from labpipe.files import atomic_dir, sha256_file, write_json
+from labpipe.files import atomic_dir, require_free, sha256_file, write_json
+from labpipe.inputs import from_pretrained, read_json
 
 FORMAT = 1
 DATA, META = "activations.bin", "meta.json"
@@ -113,7 +113,7 @@ def load_source(name: str, device: torch.device) -> torch.nn.Module:
     """A causal LM (a local save_pretrained directory or a hub name) in float32, in eval mode, on `device`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(name).float().to(device).eval()
+    model = from_pretrained(AutoModelForCausalLM, name, "causal LM").float().to(device).eval()
     model.config.tie_last_hidden_states = False  # hidden_states[-1]: the residual stream, not the final norm's output
     return model
 
@@ -185,9 +185,12 @@ def harvest(models: Sequence[torch.nn.Module], layers: Sequence[int], sequences:
             bar.update(len(a))
 
 
+META_KEYS = ("format", "rows", "d_a", "d_b", "dtype", "scales", "sha256", "inputs")
+
+
 def read_meta(directory: str | Path) -> dict | None:
     path = Path(directory) / META
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path, "activation buffer meta.json", META_KEYS) if path.exists() else None
 
 
 def run_activations(params: Params) -> None:
@@ -199,7 +202,7 @@ def run_activations(params: Params) -> None:
     c = params.crosscoder
     if c.buffer_tokens <= 0:
         raise InputError(f"crosscoder.buffer_tokens must be positive, got {c.buffer_tokens}")
-    device = resolve_device(c.device)
+    device = resolve_device(c.device, "crosscoder.device")
     directory = Path(c.buffer_dir)
     names, layers = (c.source_a, c.source_b), (c.layer_a, c.layer_b)
     try:
@@ -232,10 +235,12 @@ def run_activations(params: Params) -> None:
 
     keys = ("source_a", "source_b", "layer_a", "layer_b", "text_source", "buffer_tokens", "buffer_dtype", "buffer_dir")
     logged = {f"crosscoder.{key}": getattr(c, key) for key in keys}
+    d_a, d_b = (config.hidden_size for config in configs)
+    require_free(directory.parent, c.buffer_tokens * (d_a + d_b) * STORAGE[c.buffer_dtype].itemsize,
+                 "crosscoder.buffer_dir")
     with stage_run(params.tracking, "activations", logged) as run:
         models = [load_source(name, device) for name in names]
         started = time.perf_counter()
-        d_a, d_b = (config.hidden_size for config in configs)
         chunks = harvest(models, layers, sequences, seq_length, c.buffer_tokens, device)
         meta = write_buffer(directory, chunks, c.buffer_tokens, d_a, d_b, c.buffer_dtype, inputs)
         seconds = time.perf_counter() - started
@@ -273,6 +278,9 @@ class ActivationBuffer:
         if (directory / DATA).stat().st_size != expected:
             raise InputError(f"{directory / DATA} has {(directory / DATA).stat().st_size} bytes, {META} says "
                              f"{expected}")
+        if sha256_file(directory / DATA) != meta["sha256"]:  # ~1 GB/s: seconds against a run of hours
+            raise InputError(f"{directory / DATA}: its sha256 is not the one {META} recorded at harvest: the rows "
+                             "changed since (rerun the activations stage)")
         return buffer
 
     @property

@@ -23,6 +23,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from labpipe.errors import InputError
+from labpipe.inputs import load_torch, reason
+
 
 class LossTerms(NamedTuple):
     loss: torch.Tensor  # mse + lambda * l1
@@ -105,7 +108,10 @@ def _draw(init: str, shape: torch.Size, fan_in: int, generator: torch.Generator)
 
 def load_crosscoder(path: str | Path) -> tuple[Crosscoder, dict]:
     """The crosscoder of a model.pt written by crosscoder_train, and the file's whole record (scales, params)."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    model = Crosscoder(**saved["config"])
-    model.load_state_dict(saved["model"])
+    saved = load_torch(path, "labpipe crosscoder (crosscoder_train's model.pt)", keys=("model", "config"))
+    try:
+        model = Crosscoder(**saved["config"])
+        model.load_state_dict(saved["model"])
+    except (TypeError, RuntimeError) as error:
+        raise InputError(f"{path}: not a usable crosscoder ({reason(error)})") from None
     return model, saved

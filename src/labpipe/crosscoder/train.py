@@ -80,7 +80,7 @@ def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Ten
 def run_train(params: Params) -> None:
     """Stage crosscoder_train."""
     c = params.crosscoder
-    device = resolve_device(c.device)
+    device = resolve_device(c.device, "crosscoder.device")
     buffer = ActivationBuffer.open(c.buffer_dir)
     model = Crosscoder(buffer.d_a, buffer.d_b, c.dict_size)
     model.init_weights(c.init, c.transpose_init, c.dec_init_norm, torch.Generator().manual_seed(c.seed))

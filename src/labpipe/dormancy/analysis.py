@@ -43,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import itertools
-import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -59,6 +58,7 @@ from labpipe.device import resolve_device
 from labpipe.dormancy.results import append_rows, read_results
 from labpipe.errors import InputError
 from labpipe.files import write_json
+from labpipe.inputs import from_pretrained, read_json
 from labpipe.text.corpus import HUB_NAME, load_stories
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), both (batch, length)
@@ -116,11 +116,8 @@ def _first(d: DormancyParams, revisions: list[Revision]) -> list[Revision]:
 def load_model(revision: Revision, device: torch.device) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    try:
-        model = AutoModelForCausalLM.from_pretrained(revision.source, revision=revision.hub_revision,
-                                                     dtype=torch.float32)
-    except (OSError, ValueError) as error:  # a missing revision or file, offline or not
-        raise InputError(f"cannot load {revision.source} at revision {revision.name!r}: {error}") from error
+    model = from_pretrained(AutoModelForCausalLM, revision.source, f"causal LM at revision {revision.name!r}",
+                            revision=revision.hub_revision, dtype=torch.float32)
     return model.to(device).eval()
 
 
@@ -287,16 +284,22 @@ def revision_rows(d: DormancyParams, revision: Revision, layers: list[LayerStats
     return rows
 
 
+def text_settings(d: DormancyParams) -> dict:
+    return {key: getattr(d, key) for key in ("text_source", "text_split", "text_field", "samples", "max_length")}
+
+
+def settings_file(d: DormancyParams) -> Path:
+    return Path(f"{d.output_csv}.settings.json")
+
+
 def check_text_settings(d: DormancyParams) -> None:
-    """ValueError when the CSV holds rows made from other text than d asks for; else record d's settings."""
-    settings = {key: getattr(d, key) for key in ("text_source", "text_split", "text_field", "samples", "max_length")}
-    sidecar = Path(f"{d.output_csv}.settings.json")
+    """An InputError when the CSV holds rows made from other text than d asks for."""
+    settings, sidecar = text_settings(d), settings_file(d)
     if Path(d.output_csv).exists() and sidecar.exists():
-        saved = json.loads(sidecar.read_text())
+        saved = read_json(sidecar, "dormancy settings")
         if saved != settings:
             raise InputError(f"{d.output_csv} holds rows made with {saved}, not {settings}: they would be reused as "
                              "if comparable; choose another output CSV (or delete it)")
-    write_json(sidecar, settings)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -305,7 +308,7 @@ def check_text_settings(d: DormancyParams) -> None:
 def run_dormancy(params: Params) -> None:
     """Stage dormancy: analyze the revisions not yet in the CSV, then log every revision of the model to MLflow."""
     d = params.dormancy
-    device = resolve_device(d.device)
+    device = resolve_device(d.device, "dormancy.device")
     revisions = list_revisions(d)
     batches_of = batch_source(d)
     done = read_results(d.output_csv)
@@ -322,6 +325,7 @@ def run_dormancy(params: Params) -> None:
         layers = layer_statistics(model, batches, device)
         del model  # before the next checkpoint loads: one in memory at a time
         append_rows(d.output_csv, revision_rows(d, revision, layers, thresholds))
+        write_json(settings_file(d), text_settings(d))  # beside the rows it describes, once there are rows
 
     results = read_results(d.output_csv)
     track(params, results[results.model == d.model])

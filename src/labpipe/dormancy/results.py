@@ -8,6 +8,7 @@ import pandas as pd
 
 from labpipe.errors import InputError
 from labpipe.files import atomic_path
+from labpipe.inputs import reason
 
 COLUMNS = ["timestamp", "model", "revision", "step", "threshold", "layer_name", "layer_index", "num_neurons",
            "num_dormant", "pct_dormant", "avg_activation", "max_activation"]
@@ -19,7 +20,10 @@ def read_results(path: str | Path) -> pd.DataFrame:
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame(columns=COLUMNS)
     # Names as strings even when they look like numbers (a revision that is a commit hash of digits)
-    frame = pd.read_csv(path, dtype={"model": str, "revision": str, "layer_name": str})
+    try:
+        frame = pd.read_csv(path, dtype={"model": str, "revision": str, "layer_name": str})
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as error:
+        raise InputError(f"{path}: not a dormancy results CSV ({reason(error)})") from None
     if list(frame.columns) != COLUMNS:
         raise InputError(f"{path} has columns {list(frame.columns)}, not {COLUMNS}: refusing to append to it "
                          "(choose another output CSV)")

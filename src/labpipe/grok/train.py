@@ -160,7 +160,7 @@ def group_name(group: tuple[int, int, int]) -> str:
 def run_train(params: Params) -> None:
     """Stage grok_train."""
     g = params.grok
-    device = resolve_device(g.device)
+    device = resolve_device(g.device, "grok.device")
     train_frame = read_dataset(TRAIN)
     layout = make_layout(train_frame)
     train, val = encode(train_frame, layout), encode(read_dataset(VAL), layout)

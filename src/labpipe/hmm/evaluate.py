@@ -145,8 +145,7 @@ def evaluate(hmm: HMM, baselines: Baselines, sequences: list[np.ndarray], batch_
 
 
 def load_model(path: str | Path = TRAIN_DIR / "model.pt") -> HMM:
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    return HMM.from_state_dict(saved["hmm"]).to(dtype=torch.float64)
+    return HMM.load(path)[0]
 
 
 def run_eval(params: Params) -> None:

@@ -11,10 +11,12 @@ Parameters are probabilities (not logs); `state_dict` is the checkpoint format o
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 
 from labpipe.errors import InputError
+from labpipe.inputs import load_torch, reason
 
 ROW_SUM_TOLERANCE = 1e-6
 
@@ -122,3 +124,13 @@ class HMM:
         hmm = cls(**{name: torch.as_tensor(state[name]).cpu() for name in names})
         hmm.validate()
         return hmm
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple[HMM, dict]:
+        """The HMM of a file holding {"hmm": HMM.state_dict(), ...} (hmm_train's model.pt, a checkpoint's
+        parts), in float64, and the file's whole record; an InputError naming the file otherwise."""
+        saved = load_torch(path, "labpipe HMM model (hmm_train's model.pt)", keys=("hmm",))
+        try:
+            return cls.from_state_dict(saved["hmm"]).to(dtype=torch.float64), saved
+        except (InputError, TypeError, RuntimeError) as error:
+            raise InputError(f"{path}: not a usable HMM ({reason(error)})") from None

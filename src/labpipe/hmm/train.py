@@ -148,7 +148,7 @@ def peak_memory_bytes(device: torch.device) -> int:
 def run_train(params: Params) -> None:
     """Stage hmm_train."""
     h = params.hmm
-    device = resolve_device(h.device)
+    device = resolve_device(h.device, "hmm.device")
     train, test = read_sequences("train", h), read_sequences("test", h)
     train_tokens, test_tokens = sum(map(len, train)), sum(map(len, test))
     estimate = check_memory(h, max(map(len, train)))

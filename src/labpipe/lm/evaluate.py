@@ -34,6 +34,7 @@ from labpipe.files import atomic_path, sha256_file, write_json
 from labpipe.hmm.evaluate import Baselines
 from labpipe.hmm.forward_backward import next_token_log_probs
 from labpipe.hmm.model import HMM
+from labpipe.inputs import from_pretrained
 from labpipe.lm.data import ShardDataset
 from labpipe.lm.train import MODEL_DIR, open_data, shards_of_rows, validation_rows, verify_shards
 from labpipe.plotting import pyplot, save_figure
@@ -51,8 +52,7 @@ def generating_hmm(manifest: Manifest) -> HMM:
         raise InputError(f"{manifest.path} was sampled from {path}, which does not exist")
     if sha256_file(path) != manifest.hmm["sha256"]:
         raise InputError(f"{path} has changed since {manifest.path} was sampled from it: rerun stage synth")
-    hmm = HMM.from_state_dict(torch.load(path, map_location="cpu", weights_only=True)["hmm"])
-    hmm = hmm.without_ends().to(dtype=torch.float64)
+    hmm = HMM.load(path)[0].without_ends()
     if hmm.n_symbols != manifest.vocab_size:
         raise InputError(f"{path} emits {hmm.n_symbols} symbols, {manifest.path} says {manifest.vocab_size}")
     if manifest.start == "stationary":
@@ -124,11 +124,11 @@ def run_eval(params: Params) -> None:
     from labpipe.tracking import stage_run
 
     lm = params.lm
-    device = resolve_device(lm.device)
+    device = resolve_device(lm.device, "lm.device")
     manifest, train, val = open_data(lm)
     if not (MODEL_DIR / "config.json").exists():
         raise InputError(f"no trained LM in {MODEL_DIR}: run stage lm_train first")
-    model = LlamaForCausalLM.from_pretrained(MODEL_DIR).to(device)
+    model = from_pretrained(LlamaForCausalLM, MODEL_DIR, "Llama model (lm_train's)").to(device)
     if model.config.vocab_size < manifest.vocab_size:
         raise InputError(f"{MODEL_DIR} predicts {model.config.vocab_size} symbols, the data has "
                          f"{manifest.vocab_size}: retrain it on this data")

@@ -184,7 +184,7 @@ def validation_loss(model: torch.nn.Module, val: ShardDataset, rows: int, batch_
 def run_train(params: Params) -> None:
     """Stage lm_train."""
     lm = params.lm
-    device = resolve_device(lm.device)
+    device = resolve_device(lm.device, "lm.device")
     manifest, train, val = open_data(lm)
     eval_rows = validation_rows(lm, val)
     verify_shards(val, shards_of_rows(val, eval_rows))

@@ -23,6 +23,7 @@ from labpipe.config import MHeightParams, Params, flatten
 from labpipe.device import resolve_device
 from labpipe.errors import InputError
 from labpipe.files import atomic_path, write_json
+from labpipe.inputs import reason
 from labpipe.mheight.exact import m_heights_batch
 
 OUT_DIR = Path("artifacts/mheight")
@@ -76,7 +77,7 @@ def generate(params: MHeightParams) -> pd.DataFrame:
     """samples_per_group random codes per group with exact heights: on a GPU in this process, on the CPU in
     `params.workers` processes. The device is resolved here, once: under `device: auto` a spawned worker
     would otherwise pick CUDA for itself, each opening its own CUDA context."""
-    device = str(resolve_device(params.device))
+    device = str(resolve_device(params.device, "mheight.device"))
     group_list = groups(params)
     tasks = []
     for group_index, group in enumerate(group_list):
@@ -111,7 +112,10 @@ def import_pickles(paths: list[str]) -> pd.DataFrame:
     """Read the course's pickled DataFrames (columns n, k, m, P, result); every record is checked."""
     frames = []
     for path in paths:
-        frame = pd.read_pickle(path)
+        try:
+            frame = pd.read_pickle(path)  # the course's own files: a pickle can run code, so only import trusted ones
+        except Exception as error:  # noqa: BLE001 - truncated, random, or pickled by an incompatible pandas
+            raise InputError(f"{path}: not a readable pickle ({reason(error)})") from None
         if not isinstance(frame, pd.DataFrame):
             raise InputError(f"{path}: expected a pickled pandas DataFrame, got {type(frame).__name__}")
         missing = [c for c in PICKLE_COLUMNS if c not in frame.columns]
@@ -159,10 +163,32 @@ def write_dataset(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def read_dataset(path: str | Path) -> pd.DataFrame:
-    table = pq.read_table(path)
-    if table.schema.remove_metadata() != SCHEMA:
-        raise InputError(f"{path}: schema {table.schema.remove_metadata()} differs from labpipe's {SCHEMA}")
-    return table.to_pandas()
+    """A dataset this stage wrote (or one in its format), checked: the schema, finite P, no NaN height."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, pa.ArrowException) as error:
+        raise InputError(f"{path}: not a readable Parquet file ({reason(error)})") from None
+    schema = table.schema.remove_metadata()
+    if schema != SCHEMA:
+        def columns(s: pa.Schema) -> str:
+            return ", ".join(f"{f.name}: {f.type}" for f in s)
+
+        raise InputError(f"{path}: columns ({columns(schema)}) are not labpipe's ({columns(SCHEMA)})")
+    frame = table.to_pandas()
+    k, n = frame["k"].to_numpy(int), frame["n"].to_numpy(int)
+    sizes = frame["P"].map(len).to_numpy(int)
+    entries = np.concatenate(frame["P"].to_numpy()) if len(frame) else np.zeros(0)
+    infinite = np.flatnonzero(~np.isfinite(entries))
+    wrong = np.flatnonzero(sizes != k * (n - k))
+    if infinite.size or wrong.size:
+        rows = [*wrong[:1], *np.searchsorted(np.cumsum(sizes), infinite[:1], side="right")]
+        row = int(min(rows))
+        raise InputError(f"{path} row {row}: P must hold k(n-k) = {k[row] * (n[row] - k[row])} finite numbers")
+    if frame["height"].isna().any():
+        raise InputError(f"{path} row {int(frame['height'].isna().to_numpy().argmax())}: height is NaN")
+    return frame
 
 
 def group_stats(frame: pd.DataFrame) -> dict[str, dict[str, int]]:

@@ -43,8 +43,9 @@ from tqdm import tqdm
 
 from labpipe.config import Params, SynthParams, flatten
 from labpipe.errors import InputError
-from labpipe.files import atomic_path, sha256_file
+from labpipe.files import atomic_path, require_free, sha256_file
 from labpipe.hmm.model import HMM
+from labpipe.inputs import read_json
 from labpipe.synth.manifest import (
     FORMAT,
     MANIFEST,
@@ -270,23 +271,11 @@ def write_shards(spec: ShardSpec, planned: list[Shard], workers: int) -> Iterato
 
 
 def load_hmm(path: str) -> HMM:
-    """hmm_train's HMM (float64), without its ends: ValueError when the file or a state's way on is missing."""
+    """hmm_train's HMM (float64), without its ends: an InputError when the file or a state's way on is missing."""
     if not Path(path).exists():
         raise InputError(f"synth.hmm_checkpoint {path} does not exist: run hmm_train first, or point it at a "
                          "file holding {'hmm': HMM.state_dict()}")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or "hmm" not in saved:
-        raise InputError(f"synth.hmm_checkpoint {path} has no 'hmm' entry (an HMM.state_dict())")
-    return HMM.from_state_dict(saved["hmm"]).to(dtype=torch.float64).without_ends()
-
-
-def check_params(s: SynthParams) -> None:
-    for name in ("seq_length", "sequences_per_shard", "block_sequences", "workers"):
-        if getattr(s, name) < 1:
-            raise InputError(f"synth.{name} must be at least 1, got {getattr(s, name)}")
-    for name in ("train_shards", "val_shards", "seed"):
-        if getattr(s, name) < 0:
-            raise InputError(f"synth.{name} must be at least 0, got {getattr(s, name)}")
+    return HMM.load(path)[0].without_ends()
 
 
 def params_fingerprint(s: SynthParams, hmm_sha256: str) -> str:
@@ -298,16 +287,24 @@ def params_fingerprint(s: SynthParams, hmm_sha256: str) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
+def progress_file(out_dir: Path) -> Path:
+    """Where a run lists its complete shards as it goes (for a resume after a kill): the manifest itself is
+    replaced only when every shard is written."""
+    return out_dir / ".synth-progress.json"
+
+
 def reusable_shards(header: dict, planned: list[Shard], out_dir: Path) -> dict[str, Shard]:
-    """The shards of the existing manifest that this run would write byte for byte, by file name."""
-    if not MANIFEST.exists():
-        return {}
-    old = json.loads(MANIFEST.read_text())
-    if old.get("format") != FORMAT or old.get("params_sha256") != header["params_sha256"]:
-        return {}
+    """The shards of the existing manifest, or of an unfinished run's progress, that this run would write byte
+    for byte, by file name."""
+    entries = []
+    for listing in (MANIFEST, progress_file(out_dir)):
+        if listing.exists():
+            old = read_json(listing, "synthetic-data manifest", ("shards",))
+            if old.get("format") == FORMAT and old.get("params_sha256") == header["params_sha256"]:
+                entries += old["shards"]
     wanted = {shard.file: shard for shard in planned}
     reusable = {}
-    for entry in tqdm(old["shards"], desc="synth: checking the listed shards", unit="shard", leave=False):
+    for entry in tqdm(entries, desc="synth: checking the listed shards", unit="shard", leave=False):
         shard = Shard(**{**entry, "permutation_seeds": tuple(entry["permutation_seeds"])})
         path = out_dir / shard.file
         if (wanted.get(shard.file) == dataclasses.replace(shard, sha256="") and path.exists()
@@ -321,7 +318,6 @@ def run_synth(params: Params) -> None:
     from labpipe.tracking import stage_run
 
     s = params.synth
-    check_params(s)
     hmm = load_hmm(s.hmm_checkpoint)
     out_dir = Path(s.out_dir)
     hmm_sha256 = sha256_file(s.hmm_checkpoint)
@@ -333,27 +329,28 @@ def run_synth(params: Params) -> None:
     planned = plan_shards(s)
     done = reusable_shards(header, planned, out_dir)
 
-    def save_manifest() -> None:  # only complete shards, in plan order
-        write_manifest(MANIFEST, header, [done[shard.file] for shard in planned if shard.file in done])
+    def save_progress() -> None:  # only complete shards, in plan order
+        write_manifest(progress_file(out_dir), header, [done[shard.file] for shard in planned if shard.file in done])
 
-    save_manifest()
     for shard in planned:  # temp files of a killed run
         for stale in out_dir.glob(f".{shard.file}.*.tmp"):
             stale.unlink()
     todo = [shard for shard in planned if shard.file not in done]
+    require_free(out_dir, sum(shard.tokens for shard in todo) * token_dtype(hmm.n_symbols).itemsize, "synth.out_dir")
     spec = ShardSpec(start_distribution(hmm, s.start), hmm.transition.numpy(), hmm.emission.numpy(), s.seq_length,
                      s.block_sequences, out_dir)
 
     with stage_run(params.tracking, "synth", flatten(s, "synth.")) as run:
         total = sum(shard.tokens for shard in planned)
-        bar = tqdm(total=total, initial=total - sum(shard.tokens for shard in todo), desc="synth", unit="tok",
-                   unit_scale=True)
         started = time.perf_counter()
-        for shard in write_shards(spec, todo, s.workers):
-            done[shard.file] = shard
-            save_manifest()
-            bar.update(shard.tokens)
-        bar.close()
+        with tqdm(total=total, initial=total - sum(shard.tokens for shard in todo), desc="synth", unit="tok",
+                  unit_scale=True) as bar:
+            for shard in write_shards(spec, todo, s.workers):
+                done[shard.file] = shard
+                save_progress()
+                bar.update(shard.tokens)
+        write_manifest(MANIFEST, header, [done[shard.file] for shard in planned])
+        progress_file(out_dir).unlink(missing_ok=True)
         seconds = time.perf_counter() - started
         generated = sum(shard.tokens for shard in todo)
         run.log_metrics({"tokens": total, "shards": len(planned), "generated_tokens": generated,

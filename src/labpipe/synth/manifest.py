@@ -19,7 +19,6 @@ and its generating HMM rebuilt (permuted_hmm).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 from labpipe.errors import InputError, UserError
 from labpipe.files import sha256_file, write_json
 from labpipe.hmm.model import HMM
+from labpipe.inputs import read_json, reason
 
 MANIFEST = Path("artifacts/synth/manifest.json")
 FORMAT = 1
@@ -117,15 +117,22 @@ def write_manifest(path: str | Path, header: dict, shards: list[Shard]) -> None:
     write_json(path, {"format": FORMAT, **header, "shards": [dataclasses.asdict(shard) for shard in shards]})
 
 
+MANIFEST_KEYS = ("format", "dtype", "vocab_size", "seq_length", "sequences_per_shard", "start", "permute_emissions",
+                 "block_sequences", "hmm", "out_dir", "shards")
+
+
 def load_manifest(path: str | Path = MANIFEST) -> Manifest:
     """Read and check a manifest (every listed shard's presence and size; not its hash: see Manifest.verify)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"no synthetic-data manifest at {path}: run the synth stage first")
-    raw = json.loads(path.read_text())
+    raw = read_json(path, "synthetic-data manifest", MANIFEST_KEYS)
     if raw.get("format") != FORMAT:
         raise InputError(f"{path}: manifest format {raw.get('format')!r}, this labpipe reads format {FORMAT}")
-    shards = tuple(Shard(**{**s, "permutation_seeds": tuple(s["permutation_seeds"])}) for s in raw["shards"])
+    try:
+        shards = tuple(Shard(**{**s, "permutation_seeds": tuple(s["permutation_seeds"])}) for s in raw["shards"])
+    except (TypeError, KeyError) as error:
+        raise InputError(f"{path}: a shard record is not labpipe's ({reason(error)})") from None
     manifest = Manifest(
         path=path, dtype=np.dtype(raw["dtype"]), vocab_size=raw["vocab_size"], seq_length=raw["seq_length"],
         sequences_per_shard=raw["sequences_per_shard"], start=raw["start"],

@@ -303,7 +303,7 @@ def _local_stories(path: Path, split: str, text_field: str) -> Iterator[str]:
     import datasets
 
     if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
+        raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
@@ -327,14 +327,18 @@ def _texts(rows: Iterable[dict], text_field: str, source: str) -> Iterator[str]:
 
 
 def _txt_stories(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        has_marker = any(END_OF_TEXT in line for line in f)  # stops at the first one, near the top for TinyStories
-    last_separator = END_OF_TEXT if has_marker else "\n"  # after the last line: the last story ends too
-    story = []
-    with open(path, encoding="utf-8") as f:
-        for line in itertools.chain(f, [last_separator]):
-            story.append(line.replace(END_OF_TEXT, ""))
-            if (END_OF_TEXT in line) if has_marker else not line.strip():
-                if text := "".join(story).strip():
-                    yield text
-                story = []
+    """The stories of a TinyStories .txt file; a byte that is not UTF-8 is an InputError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            has_marker = any(END_OF_TEXT in line for line in f)  # stops at the first one, near the top
+        last_separator = END_OF_TEXT if has_marker else "\n"  # after the last line: the last story ends too
+        story = []
+        with open(path, encoding="utf-8") as f:
+            for line in itertools.chain(f, [last_separator]):
+                story.append(line.replace(END_OF_TEXT, ""))
+                if (END_OF_TEXT in line) if has_marker else not line.strip():
+                    if text := "".join(story).strip():
+                        yield text
+                    story = []
+    except UnicodeDecodeError as error:
+        raise InputError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start} of a line)") from None

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from labpipe.config import Params, TextParams, flatten
 from labpipe.errors import InputError
-from labpipe.files import atomic_path, write_json
+from labpipe.files import atomic_path, staged_outputs, write_json
 from labpipe.text.corpus import END_OF_TEXT, generate_stories, load_stories
 from labpipe.text.tokenizer import tokenize_corpus
 
@@ -40,21 +40,25 @@ def run_corpus(params: Params) -> None:
     from labpipe.tracking import stage_run
 
     t = params.text
+    folder = corpus_file(SPLITS[0]).parent
     with stage_run(params.tracking, "corpus", flatten(t, "text.")) as run:
-        counts = {split: _write_split(t, split, dataset_split)
-                  for split, dataset_split in zip(SPLITS, (t.train_split, t.test_split), strict=True)}
+        with staged_outputs(folder) as staging:  # both splits, or neither
+            counts = {split: _write_split(t, split, dataset_split, staging / corpus_file(split).name)
+                      for split, dataset_split in zip(SPLITS, (t.train_split, t.test_split), strict=True)}
         run.log_metrics({f"{split}_stories": count for split, count in counts.items()}, step=0)
         run.log_outputs([corpus_file(split) for split in SPLITS])
 
 
-def _write_split(t: TextParams, split: str, dataset_split: str) -> int:
+def _write_split(t: TextParams, split: str, dataset_split: str, path: Path) -> int:
     if t.source == "generate":
         # Another seed for the test split: its stories are new draws from the same grammar.
         count = t.stories if split == "train" else max(1, t.stories // 5)
         stories = generate_stories(count, t.seed if split == "train" else t.seed + 1)
     else:
         stories = load_stories(t.source, dataset_split, t.cache_dir or None, t.text_field, t.limit or None)
-    written = write_stories(corpus_file(split), tqdm(stories, desc=f"corpus {split}", unit=" stories"))
+    written = write_stories(path, tqdm(stories, desc=f"corpus {split}", unit=" stories"))
+    if written == 0:
+        raise InputError(f"{t.source}: no stories in split {dataset_split!r}")
     print(f"{corpus_file(split)}: {written} stories")
     return written
 
@@ -66,8 +70,6 @@ def write_stories(path: Path, stories: Iterable[str]) -> int:
         for story in stories:
             f.write(story.strip() + f"\n{END_OF_TEXT}\n")
             count += 1
-    if count == 0:
-        raise InputError(f"{path}: the source gave no stories for this split")
     return count
 
 

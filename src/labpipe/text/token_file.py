@@ -32,10 +32,13 @@ def write_token_file(path: str | Path, sentences: Iterable[Sequence[int]]) -> No
 def iter_token_file(path: str | Path, vocab_size: int) -> Iterator[np.ndarray]:
     """The sentences of a token file as int32 arrays, one line at a time; ValueError on the first bad line."""
     count = 0
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            yield _parse_line(line, vocab_size, where=f"{path}, line {line_number}")
-            count += 1
+    with open(path, encoding="utf-8") as f:
+        try:
+            for line_number, line in enumerate(f, start=1):
+                yield _parse_line(line, vocab_size, where=f"{path}, line {line_number}")
+                count += 1
+        except UnicodeDecodeError:
+            raise InputError(f"{path}, line {count + 1}: not a token file (not UTF-8 text)") from None
     if count == 0:
         raise InputError(f"{path}: no sentences")
 
