@@ -238,8 +238,11 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(make):
 
 
 @pytest.mark.slow
-def test_sigterm_marks_the_run_killed_and_changes_no_output(make):
-    """scancel, docker stop, kill: the run unwinds, MLflow says KILLED, the outputs stay those of the last success."""
+@pytest.mark.parametrize(("signum", "said"), [(signal.SIGTERM, "terminated (SIGTERM)"),
+                                              (signal.SIGINT, "interrupted (Ctrl-C)")], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_marks_the_run_killed_and_changes_no_output(make, signum, said):
+    """scancel, docker stop, kill, Ctrl-C: the run unwinds, MLflow says KILLED, the outputs stay those of the
+    last success."""
     directory = make("grok_train")
     ok(labpipe(directory, "grok_train"))
     outputs = {k: v for k, v in snapshot(out_dir(directory, "grok_train")).items() if "checkpoints" not in k}
@@ -249,10 +252,10 @@ def test_sigterm_marks_the_run_killed_and_changes_no_output(make):
     while store(directory, "grok_train").all()[-1] == finished:
         assert job.poll() is None and time.time() < deadline
         time.sleep(0.02)
-    job.send_signal(signal.SIGTERM)
+    job.send_signal(signum)
     _, err = job.communicate(timeout=120)
-    assert job.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == "labpipe grok-train: terminated (SIGTERM): outputs left as they were"
+    assert job.returncode == 128 + signum and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"labpipe grok-train: {said}: outputs left as they were"
     assert {k: v for k, v in snapshot(out_dir(directory, "grok_train")).items() if "checkpoints" not in k} == outputs
     assert MlflowClient().get_run(run_id(directory, "grok_train")).info.status == "KILLED"
     assert not (out_dir(directory, "grok_train") / ".lock").exists()

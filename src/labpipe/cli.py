@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print(f"labpipe {args.verb}: terminated (SIGTERM): outputs left as they were", file=sys.stderr)
         return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"labpipe {args.verb}: interrupted (Ctrl-C): outputs left as they were", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -170,7 +170,7 @@ def stage_run(
         wandb_run = _open_wandb_mirror(tracking, line, stage, params, run.info.run_id)
         try:
             yield StageRun(run.info.run_id, wandb_run)
-        except Terminated:
+        except (Terminated, KeyboardInterrupt):
             mlflow.end_run("KILLED")
             raise
         finally:
