@@ -182,6 +182,7 @@ CASES = [
          spoil=edit_params(lambda p: p["grok"].update(learning_rate=1))),
     case("missing key in file", "hmm-train", "hmm.eps", spoil=edit_params(lambda p: p["hmm"].pop("eps"))),
     case("params file missing", "grok-train", "nope.yaml", flags=("--params", "nope.yaml")),
+    case("params file a folder", "grok-train", "artifacts", flags=("--params", "artifacts")),
     case("params not utf-8", "grok-train", "params.yaml", spoil=write("params.yaml", b"grok:\n  lr: \xff\xfe\n")),
     # data files
     case("nan in dataset P", "mheight-subsample", "dataset.parquet",
@@ -205,6 +206,8 @@ CASES = [
                                               "result": [3.0]}))),
     case("corpus source missing", "corpus", "no/such/stories.txt", "text.source=no/such/stories.txt"),
     case("corpus source empty", "corpus", "empty.txt", "text.source=empty.txt", spoil=write("empty.txt", "")),
+    case("corpus source an empty folder", "corpus", "empty_dir", "text.source=empty_dir",
+         spoil=lambda p: (p / "empty_dir").mkdir()),
     case("corpus source not utf-8", "corpus", "latin1.txt", "text.source=latin1.txt",
          spoil=write("latin1.txt", "Once upon a time, caf\xe9.\n".encode("latin-1"))),
     case("corpus text not utf-8", "tokenize", "train.txt",

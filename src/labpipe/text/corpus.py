@@ -305,7 +305,10 @@ def _local_stories(path: Path, split: str, text_field: str) -> Iterator[str]:
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if path.is_dir():
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except FileNotFoundError:  # raised without a file name: not a save_to_disk folder
+            raise InputError(f"{path}: not a Hugging Face dataset folder (datasets' save_to_disk)") from None
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
                 raise InputError(f"split {split!r} not found in {path}; available splits: {', '.join(data)}")
