@@ -263,6 +263,26 @@ def test_a_killed_run_resumes_to_the_same_shards(project):
     assert not list((directory / "shards").glob(".*.tmp")) and not progress_file(directory / "shards").exists()
 
 
+def test_other_params_move_the_shards_aside_and_the_first_params_bring_them_back(project, capsys):
+    directory, repo_params = project
+    _synth_project(directory, repo_params)
+    run_synth(load_params("params.yaml"))
+    first, manifest = _shard_bytes(directory / "shards"), MANIFEST.read_bytes()
+    run_synth(load_params("params.yaml", ["synth.seed=1"]))
+    [aside] = (directory / "shards" / "superseded").iterdir()
+    assert _shard_bytes(aside) == first  # every shard of the first params kept, byte for byte
+    assert _shard_bytes(directory / "shards") != first and MANIFEST.read_bytes() != manifest
+    seconds, seconds_manifest = _shard_bytes(directory / "shards"), MANIFEST.read_bytes()
+    capsys.readouterr()
+    run_synth(load_params("params.yaml"))  # the first params again: their shards come back, none is sampled
+    said = capsys.readouterr()
+    assert "moved to shards/superseded/" in said.err and "are back from" in said.err and "(0 written" in said.out
+    assert _shard_bytes(directory / "shards") == first and MANIFEST.read_bytes() == manifest
+    [aside] = (directory / "shards" / "superseded").iterdir()
+    assert _shard_bytes(aside) == seconds and json.loads((aside / "manifest.json").read_bytes()) == json.loads(
+        seconds_manifest)
+
+
 def _cycle_hmm(states: int) -> HMM:
     """State i always moves to i + 1 (mod H) and emits symbol i: a row's tokens give away its states."""
     eye = torch.eye(states, dtype=torch.float64)

@@ -31,6 +31,9 @@ import dataclasses
 import hashlib
 import json
 import multiprocessing
+import os
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -43,7 +46,7 @@ from tqdm import tqdm
 
 from labpipe.config import Params, SynthParams, flatten
 from labpipe.errors import InputError
-from labpipe.files import atomic_path, require_free, sha256_file
+from labpipe.files import atomic_path, require_free, sha256_file, write_json
 from labpipe.hmm.model import HMM
 from labpipe.inputs import read_json
 from labpipe.synth.manifest import (
@@ -287,10 +290,43 @@ def params_fingerprint(s: SynthParams, hmm_sha256: str) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
 
 
+SUPERSEDED = "superseded"  # shards of other params, kept
+
+
 def progress_file(out_dir: Path) -> Path:
     """Where a run lists its complete shards as it goes (for a resume after a kill): the manifest itself is
     replaced only when every shard is written."""
     return out_dir / ".synth-progress.json"
+
+
+def keep_other_runs(header: dict, out_dir: Path) -> None:
+    """Shards in out_dir that the manifest (or an unfinished run's progress) lists for other params would be
+    overwritten: they move to out_dir/superseded/<their params_sha256[:16]>/ with their listing. This run's own,
+    moved there by an earlier run of other params, come back (and are then reused, not sampled again)."""
+    for listing in (MANIFEST, progress_file(out_dir)):
+        if not listing.exists():
+            continue
+        old = read_json(listing, "synthetic-data manifest", ("shards", "params_sha256", "out_dir"))
+        if old["params_sha256"] == header["params_sha256"] or Path(old["out_dir"]).resolve() != out_dir.resolve():
+            continue
+        present = [entry["file"] for entry in old["shards"] if (out_dir / entry["file"]).exists()]
+        if present:
+            aside = out_dir / SUPERSEDED / old["params_sha256"][:16]
+            aside.mkdir(parents=True, exist_ok=True)
+            for name in present:
+                os.replace(out_dir / name, aside / name)
+            write_json(aside / MANIFEST.name, old)
+            print(f"synth: {len(present)} shards of other params moved to {aside} (they come back with those "
+                  "params)", file=sys.stderr)
+    mine = out_dir / SUPERSEDED / header["params_sha256"][:16]
+    if (mine / MANIFEST.name).exists():
+        listing = read_json(mine / MANIFEST.name, "synthetic-data manifest", ("shards",))
+        for entry in listing["shards"]:
+            if (mine / entry["file"]).exists():
+                os.replace(mine / entry["file"], out_dir / entry["file"])
+        write_json(progress_file(out_dir), listing)  # what reusable_shards checks and keeps
+        shutil.rmtree(mine)
+        print(f"synth: shards made earlier with these params are back from {mine}", file=sys.stderr)
 
 
 def reusable_shards(header: dict, planned: list[Shard], out_dir: Path) -> dict[str, Shard]:
@@ -327,6 +363,7 @@ def run_synth(params: Params) -> None:
               "hmm": {"path": s.hmm_checkpoint, "sha256": hmm_sha256, "hidden_states": hmm.n_states},
               "out_dir": s.out_dir, "params_sha256": params_fingerprint(s, hmm_sha256)}
     planned = plan_shards(s)
+    keep_other_runs(header, out_dir)
     done = reusable_shards(header, planned, out_dir)
 
     def save_progress() -> None:  # only complete shards, in plan order
