@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 
 from labpipe.errors import UserError
+from labpipe.inputs import read_text
 
 
 class ConfigError(UserError, ValueError):
@@ -288,11 +289,7 @@ def load_params(path: str | Path = "params.yaml", overrides: typing.Sequence[str
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    raw = parse_yaml(text, where=str(path)) or {}
+    raw = parse_yaml(read_text(path), where=str(path)) or {}
     for override in overrides:
         apply_override(raw, override)
     return build(Params, raw, where=str(path))

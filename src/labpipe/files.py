@@ -76,21 +76,27 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         with _naming(path):
             yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb+") as f:
-                    os.fsync(f.fileno())
+            for file in tmp.rglob("*"):
+                if file.is_file():
+                    with open(file, "rb+") as f:
+                        os.fsync(f.fileno())
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 directories
-        if path.exists():  # os.replace cannot replace a non-empty directory: move the old one aside first
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        _replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_dir(new: Path, path: Path) -> None:
+    """Rename directory `new` to `path`, replacing a directory there: os.replace cannot replace a non-empty
+    directory, so the old one is moved aside first and deleted once the new one is in place."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(new, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, path)
 
 
 @contextlib.contextmanager
@@ -108,17 +114,11 @@ def staged_outputs(root: str | Path, published: list[Path] | None = None) -> Ite
                 continue
             target = root / path.relative_to(staging)
             whole = path.is_dir() and (path / "config.json").is_file()  # a save_pretrained directory
-            if whole and target.exists():
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(target, old)
-                os.replace(path, target)
-                shutil.rmtree(old)
-            elif whole or path.is_file():
+            if whole or path.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-            if (whole or path.is_file()) and published is not None:
-                published.append(target)
+                (_replace_dir if whole else os.replace)(path, target)
+                if published is not None:
+                    published.append(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -39,7 +39,7 @@ from labpipe.checkpoint import Checkpoints, GeneratorState
 from labpipe.config import Params, flatten
 from labpipe.errors import InputError, UserError
 from labpipe.files import sha256_file, staged_outputs
-from labpipe.inputs import from_pretrained, load_torch
+from labpipe.inputs import from_pretrained, load_torch, reason
 from labpipe.lock import output_lock
 
 FORMAT = 2  # of the checkpoint payload
@@ -104,7 +104,7 @@ def load_weights(source: str, key: str) -> dict[str, torch.Tensor]:
     except InputError as error:
         raise InputError(f"{key}={source}: cannot load weights ({error})") from None
     except Exception as error:  # noqa: BLE001 - whatever the reason, the user's source is not usable
-        raise InputError(f"{key}={source}: cannot load weights ({type(error).__name__}: {error})") from None
+        raise InputError(f"{key}={source}: cannot load weights ({reason(error)})") from None
     if isinstance(saved, dict):
         for nested in (("parts", "model"), ("model",), ("hmm",)):  # a checkpoint, a stage's model.pt, an HMM
             found = saved
@@ -165,22 +165,19 @@ class TrainingRun(contextlib.AbstractContextManager):
         self.length = getattr(self.section, self.spec.length)
         self.state = TrainState()
         self.resumed = False
-        self._init = init or (lambda loaded: load_into(parts["model"], loaded[0], self._init_keys()[0]))
+        self._init = init or (lambda loaded: load_into(parts["model"], loaded[0], self._init_sources()[0][0]))
         self.published: list[Path] = []  # what outputs() put in place
         self._exit = contextlib.ExitStack()
         self._tracker = None
 
     # ------------------------------------------------------------------ opening
 
-    def _init_keys(self) -> list[str]:
-        s = self.spec.section
-        keys = [f"{s}.init_from"] if getattr(self.section, "init_from", "") else []
-        return keys + [f"{s}.init_experts_from[{i}]" for i in range(len(getattr(self.section, "init_experts_from",
-                                                                                  ())))]
-
-    def _init_sources(self) -> list[str]:
-        return ([self.section.init_from] if getattr(self.section, "init_from", "") else []) + list(
-            getattr(self.section, "init_experts_from", ()))
+    def _init_sources(self) -> list[tuple[str, str]]:
+        """(param key, source) of every set init param: init_from, then each of init_experts_from."""
+        s, init_from = self.spec.section, getattr(self.section, "init_from", "")
+        experts = getattr(self.section, "init_experts_from", ())
+        return ([(f"{s}.init_from", init_from)] if init_from else []) + [
+            (f"{s}.init_experts_from[{i}]", source) for i, source in enumerate(experts)]
 
     def trajectory_params(self) -> dict[str, Any]:
         """The section's params that shape the trajectory: what the fingerprint holds."""
@@ -202,12 +199,12 @@ class TrainingRun(contextlib.AbstractContextManager):
         from labpipe.tracking import stage_run
 
         try:
-            sources, keys = self._init_sources(), self._init_keys()
-            for source, key in zip(sources, keys, strict=True):
+            init = self._init_sources()
+            for key, source in init:
                 if Path(source).resolve().is_relative_to(self.out_dir.resolve()):  # would change under the run
                     raise InputError(f"{key}={source} lies in {self.out_dir}, which this run writes: copy those "
                                      "weights elsewhere first")
-            loaded = [load_weights(source, key) for source, key in zip(sources, keys, strict=True)]
+            loaded = [load_weights(source, key) for key, source in init]
             self.fingerprint_ = self.fingerprint(self._inputs, [weights_digest(w) for w in loaded])
             if loaded:  # before anything on disk changes: weights that do not fit stop here (a resume overwrites)
                 self._init(loaded)
@@ -223,7 +220,7 @@ class TrainingRun(contextlib.AbstractContextManager):
             self._tracker = self._exit.enter_context(stage_run(
                 self.params.tracking, self.stage.name,
                 flatten(self.section, f"{self.spec.section}."), self.state.run_id))
-            self._tag_run(sources)
+            self._tag_run([source for _key, source in init])
         except BaseException:
             self._exit.close()
             raise

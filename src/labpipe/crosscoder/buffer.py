@@ -200,8 +200,6 @@ def run_activations(params: Params) -> None:
     from labpipe.tracking import stage_run
 
     c = params.crosscoder
-    if c.buffer_tokens <= 0:
-        raise InputError(f"crosscoder.buffer_tokens must be positive, got {c.buffer_tokens}")
     device = resolve_device(c.device, "crosscoder.device")
     directory = Path(c.buffer_dir)
     names, layers = (c.source_a, c.source_b), (c.layer_a, c.layer_b)

@@ -145,7 +145,7 @@ def evaluate(hmm: HMM, baselines: Baselines, sequences: list[np.ndarray], batch_
 
 
 def load_model(path: str | Path = TRAIN_DIR / "model.pt") -> HMM:
-    return HMM.load(path)[0]
+    return HMM.load(path)
 
 
 def run_eval(params: Params) -> None:

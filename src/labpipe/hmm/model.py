@@ -126,11 +126,11 @@ class HMM:
         return hmm
 
     @classmethod
-    def load(cls, path: str | Path) -> tuple[HMM, dict]:
-        """The HMM of a file holding {"hmm": HMM.state_dict(), ...} (hmm_train's model.pt, a checkpoint's
-        parts), in float64, and the file's whole record; an InputError naming the file otherwise."""
+    def load(cls, path: str | Path) -> HMM:
+        """The HMM of a file holding {"hmm": HMM.state_dict(), ...} (hmm_train's model.pt), in float64; an
+        InputError naming the file otherwise."""
         saved = load_torch(path, "labpipe HMM model (hmm_train's model.pt)", keys=("hmm",))
         try:
-            return cls.from_state_dict(saved["hmm"]).to(dtype=torch.float64), saved
+            return cls.from_state_dict(saved["hmm"]).to(dtype=torch.float64)
         except (InputError, TypeError, RuntimeError) as error:
             raise InputError(f"{path}: not a usable HMM ({reason(error)})") from None

@@ -52,7 +52,7 @@ def generating_hmm(manifest: Manifest) -> HMM:
         raise InputError(f"{manifest.path} was sampled from {path}, which does not exist")
     if sha256_file(path) != manifest.hmm["sha256"]:
         raise InputError(f"{path} has changed since {manifest.path} was sampled from it: rerun stage synth")
-    hmm = HMM.load(path)[0].without_ends()
+    hmm = HMM.load(path).without_ends()
     if hmm.n_symbols != manifest.vocab_size:
         raise InputError(f"{path} emits {hmm.n_symbols} symbols, {manifest.path} says {manifest.vocab_size}")
     if manifest.start == "stationary":

@@ -278,7 +278,7 @@ def load_hmm(path: str) -> HMM:
     if not Path(path).exists():
         raise InputError(f"synth.hmm_checkpoint {path} does not exist: run hmm_train first, or point it at a "
                          "file holding {'hmm': HMM.state_dict()}")
-    return HMM.load(path)[0].without_ends()
+    return HMM.load(path).without_ends()
 
 
 def params_fingerprint(s: SynthParams, hmm_sha256: str) -> str:
@@ -299,14 +299,18 @@ def progress_file(out_dir: Path) -> Path:
     return out_dir / ".synth-progress.json"
 
 
+def listings(out_dir: Path) -> Iterator[dict]:
+    """The shard listings there are: the manifest and an unfinished run's progress in out_dir."""
+    for listing in (MANIFEST, progress_file(out_dir)):
+        if listing.exists():
+            yield read_json(listing, "synthetic-data manifest", ("shards", "params_sha256", "out_dir"))
+
+
 def keep_other_runs(header: dict, out_dir: Path) -> None:
     """Shards in out_dir that the manifest (or an unfinished run's progress) lists for other params would be
     overwritten: they move to out_dir/superseded/<their params_sha256[:16]>/ with their listing. This run's own,
     moved there by an earlier run of other params, come back (and are then reused, not sampled again)."""
-    for listing in (MANIFEST, progress_file(out_dir)):
-        if not listing.exists():
-            continue
-        old = read_json(listing, "synthetic-data manifest", ("shards", "params_sha256", "out_dir"))
+    for old in listings(out_dir):
         if old["params_sha256"] == header["params_sha256"] or Path(old["out_dir"]).resolve() != out_dir.resolve():
             continue
         present = [entry["file"] for entry in old["shards"] if (out_dir / entry["file"]).exists()]
@@ -332,12 +336,8 @@ def keep_other_runs(header: dict, out_dir: Path) -> None:
 def reusable_shards(header: dict, planned: list[Shard], out_dir: Path) -> dict[str, Shard]:
     """The shards of the existing manifest, or of an unfinished run's progress, that this run would write byte
     for byte, by file name."""
-    entries = []
-    for listing in (MANIFEST, progress_file(out_dir)):
-        if listing.exists():
-            old = read_json(listing, "synthetic-data manifest", ("shards",))
-            if old.get("format") == FORMAT and old.get("params_sha256") == header["params_sha256"]:
-                entries += old["shards"]
+    entries = [entry for old in listings(out_dir) if old.get("format") == FORMAT
+               and old["params_sha256"] == header["params_sha256"] for entry in old["shards"]]
     wanted = {shard.file: shard for shard in planned}
     reusable = {}
     for entry in tqdm(entries, desc="synth: checking the listed shards", unit="shard", leave=False):
