@@ -160,6 +160,36 @@ def test_extending_a_finished_run_equals_a_straight_run(make, stage):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stage", EXTENDABLE)
+def test_a_run_resumed_at_its_new_length_evaluates_there_and_a_shorter_one_is_refused(make, stage):
+    """Killed in the step after a checkpoint, then rerun with the length set to that checkpoint: nothing is left
+    to train, and the end (off the evaluation cadence of grok and lm) is evaluated as a straight run does."""
+    spec = registry.STAGES[stage].training
+    key = f"{spec.section}.{spec.length}"
+    every = 2  # off the evaluation cadence of grok (3) and lm (8)
+    straight, killed = make(stage, "straight", checkpoint_every=every), make(stage, "killed", checkpoint_every=every)
+    ok(labpipe(straight, stage, f"{key}={every}"))
+    ok(labpipe(killed, stage, f"{key}={every + 1}"))
+    newest = store(killed, stage).all()[-1]  # as if killed before the last checkpoint was written
+    shutil.rmtree(newest) if newest.is_dir() else newest.unlink()
+    rerun = ok(labpipe(killed, stage, f"{key}={every}"))
+    assert f"({spec.unit} {every})" in rerun.stdout
+    for name in [RESULT[stage], *(p.name for p in out_dir(straight, stage).glob("*history.csv"))]:
+        if name.endswith(".csv"):
+            histories = [pd.read_csv(out_dir(d, stage) / name) for d in (killed, straight)]
+            pd.testing.assert_frame_equal(*[h.drop(columns=[c for c in h if c in TIMINGS]) for h in histories])
+        else:
+            assert digest(out_dir(killed, stage) / name) == digest(out_dir(straight, stage) / name)
+
+    everything = snapshot(killed / "artifacts")
+    shorter = labpipe(killed, stage, f"{key}={every - 1}")
+    assert shorter.returncode == 2 and "Traceback" not in shorter.stderr and "resuming" not in shorter.stdout
+    assert f"error: {key}={every - 1}: this run has done {every} {spec.unit}s already" in \
+        shorter.stderr.strip().splitlines()[-1]
+    assert snapshot(killed / "artifacts") == everything
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", TRAINERS)
 def test_a_changed_param_moves_checkpoints_aside_and_back_and_a_bad_one_changes_nothing(make, stage):
     directory = make(stage)
@@ -220,7 +250,7 @@ def test_one_run_per_output_folder_and_a_stale_lock_is_taken_over(make):
     first.communicate()
     assert lock.exists()  # a killed run cannot clean up
     done = int(store(directory, "grok_train").all()[-1].stem.split("_")[1])
-    third = ok(labpipe(directory, "grok_train", f"grok.epochs={done + 1}"))  # one more epoch: it validates
+    third = ok(labpipe(directory, "grok_train", f"grok.epochs={done}"))  # ends where the killed one stopped
     assert "taking over the lock" in third.stderr and not lock.exists()
 
 

@@ -404,35 +404,6 @@ def test_raising_max_steps_extends_a_finished_run_to_a_straight_runs_weights_in_
     assert len(runs) == 2  # the straight one and the extended one
 
 
-def test_extending_retracts_the_evaluation_made_only_because_the_shorter_run_ended():
-    from types import SimpleNamespace
-
-    from labpipe.lm.train import retract_end_evaluation
-    from labpipe.run import Best, TrainState
-
-    at_8, at_12 = Best(8, 2.0, {"w": torch.zeros(2)}), Best(12, 1.5, {"w": torch.ones(2)})
-
-    def finished_at_12(replaced: bool) -> TrainState:
-        history = [{"step": s, "val_loss": {8: 2.0, 12: 1.5 if replaced else 2.5}.get(s, math.nan)}
-                   for s in range(1, 13)]
-        end = {"step": 12, "replaced": replaced, "best": vars(at_8) if replaced else None}
-        return TrainState.from_dict(TrainState(12, "run", history, at_12 if replaced else at_8,
-                                               {"end_evaluation": end}).to_dict())  # as a checkpoint holds it
-
-    for replaced in (True, False):
-        state = finished_at_12(replaced)
-        retract_end_evaluation(SimpleNamespace(state=state, length=12))  # rerun, not extended: kept as it is
-        assert state.best.step == (12 if replaced else 8) and state.history[-1]["val_loss"] in (1.5, 2.5)
-        retract_end_evaluation(SimpleNamespace(state=state, length=24))
-        assert state.best.step == 8 and torch.equal(state.best.weights["w"], torch.zeros(2)), replaced
-        assert math.isnan(state.history[-1]["val_loss"]) and state.history[7]["val_loss"] == 2.0
-        assert "end_evaluation" not in state.extra
-    state = TrainState(12, "run", [{"step": 12, "val_loss": 1.5}], Best(12, 1.5, {}),
-                       {"end_evaluation": {"step": 12, "replaced": True, "best": None}})
-    retract_end_evaluation(SimpleNamespace(state=state, length=24))  # its only evaluation: no best before it
-    assert state.best is None
-
-
 def test_every_checkpoint_keeps_its_weights_only_the_newest_two_the_resume_state(project):
     from labpipe.dormancy.analysis import list_revisions
 

@@ -17,6 +17,9 @@ then takes the lock of the output folder (lock.py), adopts the checkpoint folder
 are moved aside, never deleted: checkpoint.py), resumes from the newest readable checkpoint, and opens the
 stage's MLflow run, the same run again on resume. Raising the run length of a finished run continues it:
 `for step in run.steps()` picks up after the last step done, and the result equals an uninterrupted run.
+An evaluation made only because the run ends (off the trainer's cadence) goes after the loop: the last
+checkpoint is saved before it, so a rerun makes it again and an extension never sees it. A run length below
+the steps already done is refused: its outputs would be those of the longer run.
 """
 
 from __future__ import annotations
@@ -216,6 +219,11 @@ class TrainingRun(contextlib.AbstractContextManager):
             self.checkpoints.adopt(self.fingerprint_, record)
             found = self.checkpoints.load_newest(self.fingerprint_)
             if found is not None:
+                done = found[1]["state"]["step"]
+                if done > self.length:  # its outputs would be those of the longer run
+                    raise UserError(f"{self.spec.section}.{self.spec.length}={self.length}: this run has done {done} "
+                                    f"{self.spec.unit}s already ({found[0]}); give at least {done}, or move "
+                                    f"{self.checkpoints.directory} aside to start over")
                 self._restore(*found)
             self._tracker = self._exit.enter_context(stage_run(
                 self.params.tracking, self.stage.name,

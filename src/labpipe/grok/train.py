@@ -182,6 +182,14 @@ def run_train(params: Params) -> None:
         run.set_tags({"device": str(device), "train_rows": len(train.log2_h), "val_rows": len(val.log2_h)})
         run.log({"excluded_infinite_train": train.excluded_infinite,
                  "excluded_infinite_val": val.excluded_infinite}, step=0)
+
+        def validate(epoch: int) -> dict[str, float]:
+            val_loss, per_group = evaluate(model, val, n_groups, device)
+            by_group = {group_name(gr): v for gr, v in zip(layout.groups, per_group, strict=True)}
+            extra["val_history"].append({"epoch": epoch, "val_loss": val_loss, **by_group})
+            run.offer_best(val_loss, model, epoch)
+            return {"val_loss": val_loss, **{f"val_loss/{name}": v for name, v in by_group.items()}}
+
         for epoch in run.steps("grok epochs"):
             started = time.perf_counter()
             before = flat_parameters(model)
@@ -202,15 +210,12 @@ def run_train(params: Params) -> None:
                 extra["spikes"].append(epoch)
                 metrics["slingshot"] = 1.0
                 tqdm.write(f"epoch {epoch}: train-loss spike (Slingshot) to {train_loss:.4g}")
-            if epoch % g.val_every == 0 or epoch == run.length:
-                val_loss, per_group = evaluate(model, val, n_groups, device)
-                by_group = {group_name(gr): v for gr, v in zip(layout.groups, per_group, strict=True)}
-                extra["val_history"].append({"epoch": epoch, "val_loss": val_loss, **by_group})
-                metrics["val_loss"] = val_loss
-                metrics.update({f"val_loss/{name}": v for name, v in by_group.items()})
-                run.offer_best(val_loss, model, epoch)
-                run.bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}")
+            if epoch % g.val_every == 0:
+                metrics.update(validate(epoch))
+                run.bar.set_postfix(train=f"{train_loss:.4f}", val=f"{metrics['val_loss']:.4f}")
             run.log(metrics, step=epoch)
+        if not extra["val_history"] or extra["val_history"][-1]["epoch"] != run.state.step:
+            run.log(validate(run.state.step), step=run.state.step)  # the run ends off the cadence (run.py)
 
         with run.outputs() as out:
             metrics = write_outputs(out, run.state, layout, g)

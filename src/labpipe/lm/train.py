@@ -29,9 +29,9 @@ params but max_steps and registry.NOT_TRAJECTORY, the manifest, the code, the in
 MLflow run, and ends with the weights of an uninterrupted run: the batch order of epoch e is seeded with
 seed + e, and the learning rate is a function of the step (its whole schedule state). max_steps is only the run
 length: raising it continues a finished run in the same MLflow run, and the result equals a straight run of
-the new length with the same decay_steps (steps past decay_steps train at the minimum rate; the evaluation the
-shorter run made at its last step off the eval_every cadence leaves the history and the best:
-retract_end_evaluation). Checkpoints of another trajectory are moved to checkpoints/superseded/, unreadable
+the new length with the same decay_steps (steps past decay_steps train at the minimum rate; the evaluation a
+run makes at its last step off the eval_every cadence is made after its last checkpoint, so an extension never
+sees it). Checkpoints of another trajectory are moved to checkpoints/superseded/, unreadable
 ones to checkpoints/unreadable/; neither is ever read as a revision. lm.init_from (a save_pretrained directory
 such as a step_* checkpoint or artifacts/lm/model, or an MLflow model URI such as
 models:/lm-synthetic@champion) replaces the seeded initial weights on a fresh start (a resume takes the checkpoint's);
@@ -58,7 +58,7 @@ from labpipe.device import resolve_device
 from labpipe.errors import InputError
 from labpipe.files import write_json
 from labpipe.lm.data import ShardDataset, shards_read, training_batches
-from labpipe.run import Best, TrainingRun, TrainState
+from labpipe.run import TrainingRun, TrainState
 from labpipe.synth.manifest import MANIFEST, Manifest, load_manifest
 
 OUT_DIR = Path(registry.stage("lm_train").training.out_dir)  # artifacts/lm
@@ -198,10 +198,16 @@ def run_train(params: Params) -> None:
 
     with TrainingRun("lm_train", params, [manifest.path], parts) as run:  # the manifest holds every shard's sha256
         history = run.state.history
-        retract_end_evaluation(run)
         run.set_tags({"device": str(device), "manifest": str(manifest.path), "train_sequences": len(train),
                       "val_sequences": eval_rows, "parameters": sum(p.numel() for p in model.parameters())})
         step_model = torch.compile(model) if lm.compile else model  # the same parameters; `model` saves cleanly
+
+        def validate(step: int) -> float:
+            history[-1]["val_loss"] = validation_loss(model, val, eval_rows, lm.batch_size, device)
+            run.log({"val_loss": history[-1]["val_loss"]}, step=step)
+            run.offer_best(history[-1]["val_loss"], model, step)
+            return history[-1]["val_loss"]
+
         batches = training_batches(train, lm.batch_size, lm.seed, lm.num_workers, start_step=run.state.step,
                                    pin_memory=device.type == "cuda")
         with contextlib.closing(batches):  # stops the loader's workers
@@ -217,44 +223,24 @@ def run_train(params: Params) -> None:
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), lm.grad_clip)
                 optimizer.step()
-                record = {"step": step, "train_loss": loss.item(), "val_loss": math.nan, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens": tokens.numel(),
-                          "seconds": time.perf_counter() - started}
-                history.append(record)
+                history.append({"step": step, "train_loss": loss.item(), "val_loss": math.nan, "lr": lr,
+                                "grad_norm": grad_norm.item(), "tokens": tokens.numel(),
+                                "seconds": time.perf_counter() - started})
 
                 if step % lm.log_every == 0 or step == run.length:
                     window = pd.DataFrame(history[-lm.log_every:])
                     run.log({"train_loss": window.train_loss.mean(), "lr": lr, "grad_norm": window.grad_norm.mean(),
                              "tokens_per_s": window.tokens.sum() / window.seconds.sum()}, step=step)
-                if step % lm.eval_every == 0 or step == run.length:
-                    record["val_loss"] = validation_loss(model, val, eval_rows, lm.batch_size, device)
-                    run.log({"val_loss": record["val_loss"]}, step=step)
-                    before = run.state.best
-                    replaced = run.offer_best(record["val_loss"], model, step)
-                    if step % lm.eval_every:  # made only because the run ends here: see retract_end_evaluation
-                        run.state.extra["end_evaluation"] = {"step": step, "replaced": replaced,
-                                                             "best": vars(before) if replaced and before else None}
-                    run.bar.set_postfix(loss=f"{record['train_loss']:.4f}", val=f"{record['val_loss']:.4f}")
+                if step % lm.eval_every == 0:
+                    run.bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{validate(step):.4f}")
+        if math.isnan(history[-1]["val_loss"]):
+            validate(run.state.step)  # the run ends off the eval_every cadence (run.py)
 
         best_model = LlamaForCausalLM(model.config)
         best_model.load_state_dict(run.state.best.weights)
         with run.outputs() as out:
             metrics = write_outputs(out, run.state, best_model, lm.log_every)
         run.finish(best_model, metrics)
-
-
-def retract_end_evaluation(run: TrainingRun) -> None:
-    """A finished run extended: the evaluation its last step made off the eval_every cadence, only because the
-    run ended there, is one a straight run of the new length never makes. It leaves the history (val_loss NaN)
-    and the best goes back to what it was before it, so that the extended run equals the straight one (the
-    MLflow point stays: it was logged)."""
-    end = run.state.extra.get("end_evaluation")
-    if end is None or run.state.step >= run.length or end["step"] != run.state.step:
-        return
-    del run.state.extra["end_evaluation"]
-    run.state.history[-1]["val_loss"] = math.nan
-    if end["replaced"]:
-        run.state.best = None if end["best"] is None else Best(**end["best"])
 
 
 def write_outputs(out: Path, state: TrainState, best_model: LlamaForCausalLM, log_every: int) -> dict:
