@@ -16,7 +16,7 @@ NORMS  ?= 0.03 0.1 0.12 0.14 0.16 0.18 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast test-slurm train-grok sweep-grok train-moe train-hmm sweep-hmm sweep-crosscoder \
+.PHONY: setup run run-full test test-fast test-slurm test-docker train-grok sweep-grok train-moe train-hmm sweep-hmm sweep-crosscoder \
 	sweep-crosscoder-plot ui lint doctor constraints clean
 
 setup: $(VENV)/.installed
@@ -40,10 +40,10 @@ run-full: setup data
 
 # One pytest worker per core (pytest-xdist): most of the suite's time is subprocesses importing torch and MLflow.
 test: setup
-	$(BIN)/python -m pytest -m "not slurm" -n auto --dist worksteal
+	$(BIN)/python -m pytest -m "not slurm and not docker" -n auto --dist worksteal
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not slurm" -n auto --dist worksteal
+	$(BIN)/python -m pytest -m "not slow and not slurm and not docker" -n auto --dist worksteal
 
 # labpipe jobs on a real single-node Slurm cluster that the tests start on this machine (tests/slurm_cluster.py):
 # Debian's slurm-wlm and munge, installed when missing (root, apt).
@@ -51,6 +51,13 @@ test-slurm: setup
 	command -v slurmctld >/dev/null || \
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge)
 	$(BIN)/python -m pytest -m slurm
+
+# The images built (on stand-in bases) and the compose stack run, on a Docker engine the tests start on this
+# machine (tests/docker_engine.py): Debian's docker.io and debootstrap, installed when missing (root, apt).
+test-docker: setup
+	command -v dockerd >/dev/null && command -v debootstrap >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap)
+	$(BIN)/python -m pytest -m docker -s
 
 train-grok: setup data
 	dvc exp run -S grok.weight_decay=$(WD)

@@ -71,10 +71,14 @@ def mlflow_server(tmp_path, monkeypatch):
     log.close()
 
 
-@pytest.fixture
-def repo_params() -> dict:
+def load_repo_params() -> dict:
     """The repo's params.yaml as a dict, to shrink and write into a test project."""
     return yaml.safe_load((REPO / "params.yaml").read_text().replace(": off", ': "off"'))
+
+
+@pytest.fixture
+def repo_params() -> dict:
+    return load_repo_params()
 
 
 def tiny_params(params: dict) -> dict:

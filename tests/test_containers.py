@@ -52,65 +52,108 @@ def test_dockerfile_passes_hadolint_with_every_ignore_explained():
             assert lines[number - 1].startswith("#") and "hadolint" not in lines[number - 1], line
 
 
-def test_dockerfile_pins_a_cuda_base_and_the_matching_torch_build_and_runs_as_a_user():
-    lines = dockerfile_lines()
-    stages = {line.split()[-1] for line in lines if line.startswith("FROM ") and " AS " in line}
-    images = [line.split()[1] for line in lines if line.startswith("FROM ")]
-    for image in images:
-        assert image in stages or (":" in image and not image.endswith(":latest")), f"unpinned base {image}"
-    [cuda] = [re.fullmatch(r"nvidia/cuda:(\d+)\.(\d)\.\d+-\w+-ubuntu\d\d\.04", i) for i in images if "cuda:" in i]
-    tag = f"cu{cuda[1]}{cuda[2]}"
-    args = dict(line.removeprefix("ARG ").split("=", 1) for line in lines if line.startswith("ARG ") and "=" in line)
-    assert args["TORCH_INDEX"] == f"https://download.pytorch.org/whl/{tag}"
-    torch_version = Version(args["TORCH_VERSION"])
-    assert torch_version.local == tag  # the CUDA build of the base image's CUDA
-    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    [torch_requirement] = [Requirement(d) for d in dependencies if Requirement(d).name == "torch"]
-    assert torch_version.public in torch_requirement.specifier
-    assert torch_version.release[:2] == Version(torch.__version__).release[:2]  # the venv's torch, its CUDA build
-    last_stage = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")):]
-    [user] = [line.split()[1] for line in last_stage if line.startswith("USER ")]
-    assert user.split(":")[0] not in ("root", "0")
-    assert 'ENTRYPOINT ["labpipe"]' in last_stage
-    assert not [line for line in lines if re.match(r"(ENV|ARG) .*(PASSWORD|SECRET|TOKEN|API_KEY)", line)]
-
-
-def test_the_image_lock_pins_every_dependency_but_torch():
+def lock_pins() -> dict[str, str]:
+    """docker/constraints.txt: project -> version (one per project; markers say where a line applies)."""
     pins = {}
     for line in (REPO / "docker/constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
-            name, sep, version = line.partition("==")
-            assert sep and version, f"not a pin: {line}"
-            pins[name.lower().replace("_", "-")] = version
-    assert not [name for name in pins if re.match(r"(torch|triton|nvidia-|cuda-|labpipe)", name)]
+            requirement = Requirement(line)
+            [specifier] = requirement.specifier
+            assert specifier.operator == "==", f"not a pin: {line}"
+            assert requirement.name not in pins, f"two pins for {requirement.name}"
+            pins[requirement.name.lower().replace("_", "-")] = specifier.version
+    return pins
+
+
+def test_dockerfile_pins_its_bases_and_needs_no_buildkit_feature():
+    lines = dockerfile_lines()
+    stages = {line.split()[-1] for line in lines if line.startswith("FROM ") and " AS " in line}
+    for image in (line.split()[1] for line in lines if line.startswith("FROM ")):
+        assert image in stages or image == "${FLAVOR}-python" or (":" in image and not image.endswith(":latest")), \
+            f"unpinned base {image}"
+    assert {"cuda-python", "cpu-python"} <= stages and "ARG FLAVOR=cuda" in lines  # the default: the GPU trainer
+    # the classic builder (Compose without buildx) builds it too, and no frontend image is pulled
+    text = (REPO / "Dockerfile").read_text()
+    assert not re.search(r"^# *syntax=|--chmod|--mount|--link|--parents|--exclude|<<", text, re.MULTILINE)
+    last_stage = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")):]
+    assert not [line for line in last_stage if line.startswith("USER ")]  # root only to become the owner
+    assert 'ENTRYPOINT ["labpipe-entrypoint", "labpipe"]' in last_stage
+    assert not [line for line in lines if re.match(r"(ENV|ARG) .*(PASSWORD|SECRET|TOKEN|API_KEY)", line)]
+
+
+def test_the_image_lock_pins_every_dependency_torch_and_its_cuda_for_the_base():
+    pins = lock_pins()
+    assert pins["torch"] == Version(torch.__version__).public  # the venv's torch, tested here
+    [cuda] = [re.search(r"FROM nvidia/cuda:(\d+\.\d+)\.\d+-", line)[1] for line in dockerfile_lines()
+              if "nvidia/cuda:" in line]
+    for library in ("nvidia-cuda-runtime", "nvidia-nvjitlink"):  # the base's CUDA, not the newest release
+        assert pins[library].startswith(f"{cuda}."), (library, pins[library])
+    assert {"triton", "setuptools", "nvidia-cudnn-cu13"} <= set(pins)
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     for requirement in map(Requirement, dependencies):
-        if requirement.name != "torch":
-            assert requirement.specifier.contains(pins[requirement.name], prereleases=True), requirement
+        assert requirement.specifier.contains(pins[requirement.name], prereleases=True), requirement
     server = [Requirement(line) for line in (REPO / "docker/server-requirements.txt").read_text().splitlines()
               if line and not line.startswith("#")]
-    assert {r.name for r in server} == {"mlflow", "psycopg2-binary"} and "mlflow" in pins
-    assert all(str(r.specifier).startswith("==") for r in server if r.name not in pins)
+    assert {r.name for r in server} == {"mlflow", "psycopg2-binary"}
+    assert all(r.specifier.contains(pins[r.name]) for r in server)
+    assert "Python >= 3.11" in (REPO / "docker/constraints.txt").read_text().splitlines()[0]  # the venv's and 3.12
 
 
-def test_train_script_runs_the_doctor_then_dvc(tmp_path):
+def test_shell_scripts_pass_shellcheck():
+    scripts = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("docker/*.sh"), *REPO.glob("tests/docker/*.sh")])
+    done = subprocess.run([tool("shellcheck"), *scripts], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and len(scripts) >= 5, done.stdout
+
+
+def stub(directory: Path, name: str, body: str) -> None:
+    (directory / name).write_text(f"#!/bin/sh\n{body}\n")
+    (directory / name).chmod(0o755)
+
+
+def test_train_script_runs_the_doctor_then_dvc_in_a_checkout(tmp_path):
     """docker/train.sh with stand-ins for labpipe and dvc that record their arguments."""
-    subprocess.run([tool("shellcheck"), "docker/train.sh", "docker/freeze-constraints.sh"], cwd=REPO, check=True)
-    log = tmp_path / "calls"
+    log, bin_dir, checkout = tmp_path / "calls", tmp_path / "bin", tmp_path / "checkout"
+    bin_dir.mkdir(), checkout.mkdir()
     for name, status in (("labpipe", "${DOCTOR_STATUS:-0}"), ("dvc", "0")):
-        (tmp_path / name).write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexit {status}\n')
-        (tmp_path / name).chmod(0o755)
-    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+        stub(bin_dir, name, f'echo "{name} $*" >> {log}\nexit {status}')
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
 
-    def run(*args: str, **extra: str) -> tuple[int, list[str]]:
+    def run(*args: str, **extra: str) -> tuple[int, list[str], str]:
         log.write_text("")
-        done = subprocess.run(["sh", REPO / "docker/train.sh", *args], env={**env, **extra})
-        return done.returncode, log.read_text().splitlines()
+        done = subprocess.run(["sh", REPO / "docker/train.sh", *args], env={**env, **extra}, cwd=checkout,
+                              capture_output=True, text=True)
+        return done.returncode, log.read_text().splitlines(), done.stderr
 
-    assert run() == (0, ["labpipe doctor", "dvc repro"])
-    assert run("repro", "grok_train", LABPIPE_DOCTOR_ARGS="--require-cuda") == (
+    code, calls, said = run()
+    assert (code, calls) == (1, []) and said == f"labpipe-train: {checkout} holds no dvc.yaml: mount a labpipe " \
+                                                "checkout at /workspace\n"
+    (checkout / "dvc.yaml").write_text("stages: {}\n")
+    assert run()[:2] == (0, ["labpipe doctor", "dvc repro"])
+    assert (checkout / "data").is_dir()  # a fresh clone has none: DVC would stop at data.dvc
+    assert run("repro", "grok_train", LABPIPE_DOCTOR_ARGS="--require-cuda")[:2] == (
         0, ["labpipe doctor --require-cuda", "dvc repro grok_train"])
-    assert run(DOCTOR_STATUS="1") == (1, ["labpipe doctor"])  # a requirement not met: DVC never starts
+    assert run(DOCTOR_STATUS="1")[:2] == (1, ["labpipe doctor"])  # a requirement not met: DVC never starts
+
+
+@pytest.mark.parametrize("password", ["mlflow", "p@ss:w/rd%20?#&=+ x"])
+def test_the_server_builds_its_postgres_uri_with_the_password_as_postgres_reads_it(tmp_path, password):
+    """docker/mlflow-server.sh, a stand-in `mlflow` printing what it got; the URI parsed by SQLAlchemy, which
+    MLflow's store uses."""
+    from sqlalchemy.engine import make_url
+
+    stub(tmp_path, "mlflow", 'echo "$MLFLOW_BACKEND_STORE_URI"; echo "$*"')
+    env = {"PATH": f"{tmp_path}:{BIN}:/usr/bin:/bin", "POSTGRES_HOST": "postgres", "POSTGRES_PORT": "5432",
+           "POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": password, "POSTGRES_DB": "mlflow"}
+    done = subprocess.run(["sh", REPO / "docker/mlflow-server.sh", "--port", "5000"], env=env, capture_output=True,
+                          text=True, check=True)
+    uri, args = done.stdout.splitlines()
+    url = make_url(uri)
+    assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == \
+        ("postgresql+psycopg2", "mlflow", password, "postgres", 5432, "mlflow")
+    assert args == "server --port 5000" and password not in args
+    env.pop("POSTGRES_HOST")  # standalone: no backend URI, MLflow's SQLite default
+    assert subprocess.run(["sh", REPO / "docker/mlflow-server.sh"], env=env, capture_output=True, text=True,
+                          check=True).stdout.splitlines()[0] == ""
 
 
 # ----------------------------------------------------------------------------- .dockerignore
@@ -203,8 +246,9 @@ def test_compose_postgres_and_mlflow_services(tmp_path):
     assert "ports" not in postgres  # reachable from the stack only
 
     assert mlflow["build"]["target"] == "mlflow-server"
-    assert re.fullmatch(r"postgresql\+psycopg2://\w+:[^@]+@postgres:5432/\w+",
-                        mlflow["environment"]["MLFLOW_BACKEND_STORE_URI"])
+    for key in ("USER", "PASSWORD", "DB"):  # the same variables postgres reads, so the two cannot disagree
+        assert mlflow["environment"][f"POSTGRES_{key}"] == postgres["environment"][f"POSTGRES_{key}"]
+    assert (mlflow["environment"]["POSTGRES_HOST"], mlflow["environment"]["POSTGRES_PORT"]) == ("postgres", "5432")
     command = mlflow["command"]
     assert "--serve-artifacts" in command and "--artifacts-destination=/mlartifacts" in command
     assert {"type": "volume", "source": "mlartifacts", "target": "/mlartifacts"}.items() <= \
@@ -234,11 +278,16 @@ def test_compose_trainers_gpu_reservation_and_tracking(tmp_path):
     for trainer in (gpu, cpu):
         assert trainer["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         assert trainer["depends_on"]["mlflow"]["condition"] == "service_healthy"
-        assert (trainer["entrypoint"], trainer["command"]) == (["labpipe-train"], ["repro"])
+        assert (trainer["entrypoint"], trainer["command"]) == (["labpipe-entrypoint", "labpipe-train"], ["repro"])
         assert {"type": "bind", "source": str(tmp_path), "target": "/workspace"}.items() <= \
             trainer["volumes"][0].items()
-        assert trainer["image"] == "labpipe:latest" and "target" not in trainer["build"]  # the Dockerfile's last
-    gpu.pop("deploy"), gpu.pop("profiles"), cpu.pop("profiles")
+        assert "target" not in trainer["build"]  # the Dockerfile's last stage
+    assert (gpu["image"], cpu["image"]) == ("labpipe:latest", "labpipe-cpu:latest")
+    assert "args" not in gpu["build"] and cpu["build"]["args"] == {
+        "FLAVOR": "cpu", "TORCH_INDEX": "https://download.pytorch.org/whl/cpu"}
+    for trainer in (gpu, cpu):
+        for key in ("deploy", "profiles", "image", "build"):
+            trainer.pop(key, None)
     assert gpu == cpu  # one trainer, two ways to run it
     two = compose_config(tmp_path, "gpu", env={"LABPIPE_GPUS": "2"})["services"]["trainer"]
     assert two["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 2
