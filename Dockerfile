@@ -66,16 +66,15 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone: a code change rebuilds the last small layer, not torch & co.
+# The dependencies alone, from pyproject.toml: labpipe itself goes in the trainer's last layers, so a code
+# change rebuilds those and not torch & co.
 COPY docker/constraints.txt docker/check_build.py docker/
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} -c docker/constraints.txt \
         -r /tmp/requirements.txt setuptools
-COPY README.md ./
-COPY src/ src/
-RUN pip install --no-deps . && python docker/check_build.py docker/constraints.txt
+RUN python docker/check_build.py docker/constraints.txt
 
 # ----------------------------------------------------------------------------- the trainer (default)
 # As the builder's base.
@@ -83,14 +82,19 @@ RUN pip install --no-deps . && python docker/check_build.py docker/constraints.t
 FROM ${FLAVOR}-python AS trainer
 # No ids are built in: the entrypoint runs each command as the owner of the mounted project (entrypoint.sh),
 # so the container starts as root. `labpipe` (uid 1000) owns /workspace and the home when nothing is mounted.
-COPY docker/entrypoint.sh /usr/local/bin/labpipe-entrypoint
-COPY docker/train.sh /usr/local/bin/labpipe-train
-RUN chmod 0755 /usr/local/bin/labpipe-entrypoint /usr/local/bin/labpipe-train \
-    && if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && useradd --create-home --uid 1000 --user-group labpipe \
     && install -d -o labpipe -g labpipe /workspace /home/labpipe/.cache \
     && git config --system --add safe.directory /workspace
 COPY --from=builder /opt/venv /opt/venv
+# What changes most goes last: the scripts and labpipe itself are small layers above the venv's gigabytes.
+COPY docker/entrypoint.sh /usr/local/bin/labpipe-entrypoint
+COPY docker/train.sh /usr/local/bin/labpipe-train
+COPY pyproject.toml README.md /opt/labpipe/
+COPY src/ /opt/labpipe/src/
+RUN chmod 0755 /usr/local/bin/labpipe-entrypoint /usr/local/bin/labpipe-train \
+    && PIP_NO_CACHE_DIR=1 /opt/venv/bin/pip install --no-deps --no-build-isolation --disable-pip-version-check \
+        /opt/labpipe
 ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/labpipe \
     USER=labpipe \

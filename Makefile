@@ -103,8 +103,8 @@ ui: setup
 
 lint: setup
 	$(BIN)/ruff check src tests bench
-	$(BIN)/hadolint Dockerfile
-	$(BIN)/shellcheck docker/*.sh
+	$(BIN)/hadolint Dockerfile tests/docker/*.Dockerfile
+	$(BIN)/shellcheck docker/*.sh tests/docker/*.sh
 	$(BIN)/docker-compose config -q
 
 doctor: setup

@@ -7,10 +7,8 @@
 set -eu
 if [ "$(id -u)" = 0 ]; then
     owner=$(stat -c %u:%g /workspace)
-    if [ "$owner" != 0:0 ]; then
-        chown "$owner" "$HOME"
-        [ "$(stat -c %u:%g "$HOME/.cache")" = "$owner" ] || chown -R "$owner" "$HOME/.cache"
-        exec setpriv --reuid="${owner%:*}" --regid="${owner#*:}" --clear-groups -- "$@"
-    fi
+    chown "$owner" "$HOME"
+    [ "$(stat -c %u:%g "$HOME/.cache")" = "$owner" ] || chown -R "$owner" "$HOME/.cache"
+    [ "$owner" = 0:0 ] || exec setpriv --reuid="${owner%:*}" --regid="${owner#*:}" --clear-groups -- "$@"
 fi
 exec "$@"

@@ -75,6 +75,8 @@ def engine() -> Iterator[dict[str, str]]:
                 raise RuntimeError(f"dockerd did not come up in 60 s:\n{(ROOT / 'dockerd.log').read_text()[-3000:]}")
             time.sleep(0.5)
         yield env
+        # what no tagged image uses any more (the layers of an earlier build): the cache would only grow
+        docker(env, "system", "prune", "--force", check=False, capture_output=True)
     finally:
         _stop(pid_file)
         log.close()
@@ -174,14 +176,15 @@ def local_wheels() -> list[Path]:
 
 
 @contextlib.contextmanager
-def loopback_index(wheels: list[Path], directory: Path) -> Iterator[str]:
-    """A PEP 503 index of `wheels` served on 127.0.0.1; yields its URL."""
+def loopback_index(wheels: list[Path], directory: Path, port: int = 47831) -> Iterator[str]:
+    """A PEP 503 index of `wheels` served on 127.0.0.1; yields its URL. A fixed port: the URL is a build arg,
+    and a new one would rebuild the layers after it."""
     for wheel in wheels:
         project = directory / re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
         project.mkdir(parents=True, exist_ok=True)
         (project / wheel.name).symlink_to(wheel)
     handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

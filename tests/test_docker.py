@@ -107,7 +107,8 @@ def test_each_trainer_has_the_torch_of_its_base_and_only_locked_versions(engine,
 def test_the_image_runs_the_doctor_as_its_own_user_and_requires_cuda_when_asked(engine, images):
     report = run_image(engine, IMAGES["gpu"])
     assert report.returncode == 0, report.stdout + report.stderr
-    assert re.search(r"^ok\s+torch\s+torch 2\.13\.0", report.stdout, re.MULTILINE) and "ready" in report.stdout
+    assert re.search(r"^warn\s+torch\s+torch 2\.13\.0\+cu130: CUDA 13\.0, cuDNN \d+; no GPU", report.stdout,
+                     re.MULTILINE) and report.stdout.endswith("ready\n"), report.stdout
     refused = run_image(engine, IMAGES["gpu"], "doctor", "--require-cuda")
     assert refused.returncode == 1 and re.search(r"^FAIL\s+cuda", refused.stdout, re.MULTILINE), refused.stdout
     user = run_image(engine, IMAGES["cpu"], "id", "-u", entrypoint="labpipe-entrypoint")
@@ -174,16 +175,20 @@ def stack(engine, images, tmp_path_factory):
         compose(first, "down", "--volumes", check=False)
 
 
-def rest(path: str, **query) -> dict:
+def rest(path: str, body: dict | None = None, **query):
+    """The tracking server's answer to GET `path`?`query` (POST `body` as JSON when given): JSON, or bytes."""
     url = f"http://127.0.0.1:5000/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
-    with urllib.request.urlopen(url, timeout=30) as answer:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(request, timeout=30) as answer:
         return json.loads(answer.read()) if "json" in answer.headers.get("Content-Type", "") else answer.read()
 
 
 def grok_runs() -> list[dict]:
     """The grok_train runs of the m-height experiment, through the server's REST API."""
     experiment = rest("api/2.0/mlflow/experiments/get-by-name", experiment_name=EXPERIMENT)["experiment"]
-    runs = rest("api/2.0/mlflow/runs/search", experiment_ids=[experiment["experiment_id"]], max_results=100)["runs"]
+    runs = rest("api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})
+    runs = runs["runs"]
     return [r for r in runs if {t["key"]: t["value"] for t in r["data"]["tags"]}.get("labpipe.stage") == "grok_train"]
 
 
@@ -200,6 +205,9 @@ def test_a_fresh_clone_runs_the_m_height_line_in_the_trainer_and_the_server_hold
     assert (clone / "artifacts/grok/model.pt").is_file() and (clone / "data").is_dir()  # data/: made by the trainer
     owners = {(p.stat().st_uid, p.stat().st_gid) for p in [clone, *clone.rglob("*")]}
     assert owners == {owner}  # what the trainer wrote is the clone owner's, like the rest
+    cache = compose(clone, "run", "--rm", "--no-deps", "--entrypoint=labpipe-entrypoint", "trainer-cpu",
+                    "stat", "-c", "%u:%g", "/home/labpipe/.cache").stdout.split()
+    assert cache[-1] == f"{owner[0]}:{owner[1]}"  # the shared cache volume follows whoever runs
 
     best = json.loads((clone / "artifacts/grok/metrics.json").read_text())["best_val_loss"]
     runs = grok_runs()
