@@ -16,10 +16,11 @@ ARG FLAVOR=cuda
 FROM python:3.12.12-slim-bookworm AS mlflow-server
 ARG PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_TRUSTED_HOST PIP_CERT
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY docker/constraints.txt docker/server-requirements.txt docker/check_build.py /tmp/
-COPY docker/mlflow-server.sh /usr/local/bin/mlflow-server
+COPY docker/constraints.txt docker/server-requirements.txt /tmp/
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install -c /tmp/constraints.txt -r /tmp/server-requirements.txt setuptools
+COPY docker/check_build.py /tmp/
+COPY docker/mlflow-server.sh /usr/local/bin/mlflow-server
 RUN /opt/venv/bin/python /tmp/check_build.py /tmp/constraints.txt \
     && chmod 0755 /usr/local/bin/mlflow-server \
     && useradd --create-home --uid 1000 mlflow \
@@ -68,12 +69,13 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # The dependencies alone, from pyproject.toml: labpipe itself goes in the trainer's last layers, so a code
 # change rebuilds those and not torch & co.
-COPY docker/constraints.txt docker/check_build.py docker/
+COPY docker/constraints.txt docker/
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
         > /tmp/requirements.txt \
     && pip install ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"} -c docker/constraints.txt \
         -r /tmp/requirements.txt setuptools
+COPY docker/check_build.py docker/
 RUN python docker/check_build.py docker/constraints.txt
 
 # ----------------------------------------------------------------------------- the trainer (default)

@@ -38,7 +38,7 @@ def main(lock: str) -> int:
         name, version = canonical(dist.metadata["Name"]), dist.version
         if name in ("labpipe", "pip"):  # the project itself; the venv's own installer
             continue
-        if version.split("+")[0] not in pins.get(name, ()):
+        if not {version, version.split("+")[0]} & pins.get(name, set()):  # ==2.13.0 admits 2.13.0+cpu
             problems.append(f"{name} {version} is not pinned in {lock}" if name not in pins else
                             f"{name} {version} installed, {lock} pins {', '.join(sorted(pins[name]))}")
     for problem in problems:

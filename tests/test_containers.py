@@ -99,6 +99,28 @@ def test_the_image_lock_pins_every_dependency_torch_and_its_cuda_for_the_base():
     assert "Python >= 3.11" in (REPO / "docker/constraints.txt").read_text().splitlines()[0]  # the venv's and 3.12
 
 
+def test_the_build_check_fails_on_an_unpinned_package_and_on_torch_for_another_base(tmp_path):
+    """docker/check_build.py, run here on this venv: what each image build ends with."""
+    frozen = subprocess.run([sys.executable, "-m", "pip", "freeze", "--all", "--exclude-editable"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    lock = tmp_path / "constraints.txt"
+
+    def check(lines: list[str], **env: str) -> tuple[int, str]:
+        lock.write_text("\n".join(lines) + "\n")
+        done = subprocess.run([sys.executable, REPO / "docker/check_build.py", lock], capture_output=True, text=True,
+                              env={k: v for k, v in {**os.environ, **env}.items() if v is not None})
+        return done.returncode, done.stdout + done.stderr
+
+    code, said = check(frozen, CUDA_VERSION=None)  # this venv's torch is the CPU build: right for no CUDA base
+    assert code == 0 and "every distribution pinned" in said, said
+    code, said = check([line for line in frozen if not line.lower().startswith("pytest==")], CUDA_VERSION=None)
+    assert code == 1 and f"check_build: pytest {pytest.__version__} is not pinned in {lock}" in said
+    code, said = check([re.sub(r"^(numpy)==\S+", r"\1==0.0.1", line) for line in frozen], CUDA_VERSION=None)
+    assert code == 1 and f"installed, {lock} pins 0.0.1" in said
+    code, said = check(frozen, CUDA_VERSION="13.0.2")
+    assert code == 1 and "is built for CUDA None; this base wants 13.0" in said
+
+
 def test_shell_scripts_pass_shellcheck():
     scripts = sorted(str(p.relative_to(REPO)) for p in [*REPO.glob("docker/*.sh"), *REPO.glob("tests/docker/*.sh")])
     done = subprocess.run([tool("shellcheck"), *scripts], cwd=REPO, capture_output=True, text=True)
