@@ -89,6 +89,23 @@ def test_full_profile_becomes_checked_dvc_flags(tmp_path):
         profile_flags(str(REPO / "params.yaml"), str(bad))
 
 
+def test_the_full_profile_trains_the_lm_on_20_tokens_per_parameter_in_one_epoch():
+    """The compute-optimal budget (Hoffmann et al. 2022) for the seed's ~100M Llama, with no row seen twice."""
+    import torch
+
+    from labpipe.lm.train import build_model
+
+    flags = profile_flags(str(REPO / "params.yaml"), str(REPO / "params.full.yaml"))
+    full = load_params(REPO / "params.yaml", [flag.removeprefix("-S ") for flag in flags])
+    with torch.device("meta"):  # the shapes alone
+        model = build_model(full.lm, full.lm.vocab_size or full.hmm.vocab_size)
+    parameters = sum(p.numel() for p in model.parameters())
+    tokens = full.lm.max_steps * full.lm.batch_size * full.lm.grad_accum_steps * full.synth.seq_length
+    assert 110e6 < parameters < 120e6 and 20 <= tokens / parameters < 20.1
+    assert tokens <= full.synth.train_shards * full.synth.sequences_per_shard * full.synth.seq_length
+    assert full.lm.decay_steps == full.lm.max_steps  # the cosine ends where the run does
+
+
 def test_cli_reports_config_errors_without_a_traceback(capsys):
     from labpipe.cli import main
 

@@ -318,8 +318,18 @@ def test_lm_train_writes_checkpoints_the_best_model_metrics_and_a_champion(proje
     assert "labpipe.init_from" not in run.data.tags and run.data.tags["champion"] == "True"
     assert float(champion.tags["metric.val_loss"]) == pytest.approx(metrics["best_val_loss"])
     assert {m.step for m in client.get_metric_history(run.info.run_id, "val_loss")} == set(steps)
-    for name in ("train_loss", "lr", "tokens_per_s", "grad_norm"):
+    for name in ("train_loss", "lr", "tokens_per_s", "grad_norm", "tokens_seen", "tokens_per_parameter"):
         assert {m.step for m in client.get_metric_history(run.info.run_id, name)} == {10, 20}, name
+
+    # the token budget, by hand: every row read once per epoch in batches of 8, the last one smaller
+    rows, length = shard_rows("train").shape
+    per_step = [min(8, rows - 8 * (s % -(-rows // 8))) for s in range(20)]
+    seen = [sum(per_step[:n]) * length for n in (10, 20)]
+    parameters = sum(t.numel() for t in best.values())
+    assert metrics["tokens_seen"] == seen[-1]
+    assert metrics["tokens_per_parameter"] == pytest.approx(seen[-1] / parameters)
+    logged = client.get_metric_history(run.info.run_id, "tokens_seen")
+    assert sorted((m.step, m.value) for m in logged) == [(10, seen[0]), (20, seen[1])]
 
     # lm_eval reads the best model: its mean LM cross-entropy is lm_train's best val loss (same rows, positions)
     run_eval(params)
@@ -402,6 +412,25 @@ def test_raising_max_steps_extends_a_finished_run_to_a_straight_runs_weights_in_
     assert {m.step for m in client.get_metric_history(first_run, "train_loss")} == {4, 8, 12, 16, 20, 24}
     runs = client.search_runs([client.get_experiment_by_name(LINE).experiment_id], "tags.`labpipe.stage` = 'lm_train'")
     assert len(runs) == 2  # the straight one and the extended one
+
+
+def test_gradient_accumulation_equals_one_pass_over_the_step_batch(project):
+    """A step of 40 rows as 1 x 40, 2 x 20 and 5 x 8: the same losses and weights (96 rows: each epoch ends in a
+    step of 16, split unevenly by 20)."""
+    directory, repo_params = project
+    write_dataset(HMM.random(3, 5, seed=0))
+    losses, weights = {}, {}
+    for batch, accumulate in ((40, 1), (20, 2), (8, 5)):
+        lm_project(directory, repo_params, batch_size=batch, grad_accum_steps=accumulate, max_steps=7,
+                   decay_steps=7, checkpoint_every=7, eval_every=7, log_every=7)
+        run_train(load_params("params.yaml"))
+        losses[batch] = pd.read_csv(OUT_DIR / "history.csv").train_loss.to_numpy()
+        weights[batch] = LlamaForCausalLM.from_pretrained(CHECKPOINTS / "step_00000007").state_dict()
+    for batch in (20, 8):
+        np.testing.assert_allclose(losses[batch], losses[40], rtol=1e-5)
+        for name, tensor in weights[40].items():
+            torch.testing.assert_close(weights[batch][name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert len(losses[40]) == 7 and not np.allclose(losses[40][0], losses[40][-1])  # it trained
 
 
 def test_every_checkpoint_keeps_its_weights_only_the_newest_two_the_resume_state(project):

@@ -172,7 +172,8 @@ class LMParams:
     intermediate_size: Count
     context_length: Count  # max_position_embeddings: synth.seq_length must fit
     vocab_size: Natural  # 0: the synthetic data's vocabulary; else at least it
-    batch_size: Count  # sequences per step
+    batch_size: Count  # sequences per forward pass
+    grad_accum_steps: Count  # forward passes per step: a step's batch is batch_size * grad_accum_steps
     lr: Positive
     adam_beta1: Annotated[float, Bound(0, 1, high_open=True)]
     adam_beta2: Annotated[float, Bound(0, 1, high_open=True)]  # Llama's 0.95: forgets fast enough for a short warmup

@@ -9,14 +9,16 @@ Reads artifacts/synth/manifest.json and its shards; writes
   artifacts/lm/model/                      save_pretrained of the weights with the best validation loss
   artifacts/lm/metrics.json, history.csv   one history row per step (val_loss where evaluated)
 The MLflow run gets train_loss, lr, grad_norm and tokens_per_s every lm.log_every steps (means over the
-window) and val_loss every eval_every steps; the best weights are logged as a model and become the champion
+window), tokens_seen and tokens_per_parameter (the budget: about 20 is compute-optimal), and val_loss every
+eval_every steps; the best weights are logged as a model and become the champion
 of lm-synthetic when their val loss beats the current one's (registry.py).
 
 The model sees each row whole: input_ids = labels = the row, so position t is predicted from x_<t and x_0 is
 never predicted (there is no BOS token). The optimizer is AdamW (betas lm.adam_beta1, lm.adam_beta2) with
 weight decay on the matrices only (every projection, the token embedding and the LM head; not the RMSNorm
 gains), the learning rate a linear warmup then a cosine decay to lr * min_lr_ratio at decay_steps, where it
-stays; gradients are clipped to grad_clip.
+stays; gradients are clipped to grad_clip. A step's batch is batch_size * grad_accum_steps rows, its gradients
+accumulated over passes of batch_size rows.
 
 Bad input stops the stage before the model is built: a missing manifest or shard, a shard whose sha256 is
 not the manifest's, a vocabulary larger than the model's, rows longer than its context (the params' own
@@ -164,6 +166,20 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def accumulate_gradients(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int,
+                         device: torch.device) -> float:
+    """Backward passes over `tokens` in pieces of batch_size rows, each loss weighted by its share of the rows
+    (all rows have one length): the gradients, and the loss returned, are those of one pass over all of
+    `tokens`, whatever the split, the smaller last batch of an epoch included."""
+    total = 0.0
+    for piece in tokens.split(batch_size):
+        with autocast(device):
+            loss = causal_lm_loss(model, piece) * (len(piece) / len(tokens))
+        loss.backward()
+        total += loss.item()
+    return total
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, val: ShardDataset, rows: int, batch_size: int,
                     device: torch.device) -> float:
@@ -188,7 +204,8 @@ def run_train(params: Params) -> None:
     manifest, train, val = open_data(lm)
     eval_rows = validation_rows(lm, val)
     verify_shards(val, shards_of_rows(val, eval_rows))
-    verify_shards(train, shards_read(train, lm.batch_size, lm.seed, lm.max_steps))
+    step_batch = lm.batch_size * lm.grad_accum_steps  # the rows of one optimizer step
+    verify_shards(train, shards_read(train, step_batch, lm.seed, lm.max_steps))
 
     torch.manual_seed(lm.seed)
     model = build_model(lm, model_vocab_size(lm, manifest)).to(device).train()
@@ -197,9 +214,11 @@ def run_train(params: Params) -> None:
     parts = {"model": model, "optimizer": optimizer, "rng": TorchRNG(device)}
 
     with TrainingRun("lm_train", params, [manifest.path], parts) as run:  # the manifest holds every shard's sha256
-        history = run.state.history
+        history, extra = run.state.history, run.state.extra
+        parameters = sum(p.numel() for p in model.parameters())
+        extra.setdefault("tokens_seen", sum(record["tokens"] for record in history))
         run.set_tags({"device": str(device), "manifest": str(manifest.path), "train_sequences": len(train),
-                      "val_sequences": eval_rows, "parameters": sum(p.numel() for p in model.parameters())})
+                      "val_sequences": eval_rows, "parameters": parameters})
         step_model = torch.compile(model) if lm.compile else model  # the same parameters; `model` saves cleanly
 
         def validate(step: int) -> float:
@@ -208,7 +227,7 @@ def run_train(params: Params) -> None:
             run.offer_best(history[-1]["val_loss"], model, step)
             return history[-1]["val_loss"]
 
-        batches = training_batches(train, lm.batch_size, lm.seed, lm.num_workers, start_step=run.state.step,
+        batches = training_batches(train, step_batch, lm.seed, lm.num_workers, start_step=run.state.step,
                                    pin_memory=device.type == "cuda")
         with contextlib.closing(batches):  # stops the loader's workers
             for step in run.steps("lm steps"):
@@ -217,22 +236,23 @@ def run_train(params: Params) -> None:
                 lr = learning_rate(step, lm)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                with autocast(device):
-                    loss = causal_lm_loss(step_model, tokens)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss = accumulate_gradients(step_model, tokens, lm.batch_size, device)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), lm.grad_clip)
                 optimizer.step()
-                history.append({"step": step, "train_loss": loss.item(), "val_loss": math.nan, "lr": lr,
+                history.append({"step": step, "train_loss": loss, "val_loss": math.nan, "lr": lr,
                                 "grad_norm": grad_norm.item(), "tokens": tokens.numel(),
                                 "seconds": time.perf_counter() - started})
+                extra["tokens_seen"] += tokens.numel()
 
                 if step % lm.log_every == 0 or step == run.length:
                     window = pd.DataFrame(history[-lm.log_every:])
                     run.log({"train_loss": window.train_loss.mean(), "lr": lr, "grad_norm": window.grad_norm.mean(),
-                             "tokens_per_s": window.tokens.sum() / window.seconds.sum()}, step=step)
+                             "tokens_per_s": window.tokens.sum() / window.seconds.sum(),
+                             "tokens_seen": extra["tokens_seen"],
+                             "tokens_per_parameter": extra["tokens_seen"] / parameters}, step=step)
                 if step % lm.eval_every == 0:
-                    run.bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{validate(step):.4f}")
+                    run.bar.set_postfix(loss=f"{loss:.4f}", val=f"{validate(step):.4f}")
         if math.isnan(history[-1]["val_loss"]):
             validate(run.state.step)  # the run ends off the eval_every cadence (run.py)
 
@@ -249,12 +269,16 @@ def write_outputs(out: Path, state: TrainState, best_model: LlamaForCausalLM, lo
     best_model.save_pretrained(out / "model")
     history = pd.DataFrame(state.history)
     evaluated = history.dropna(subset=["val_loss"])
+    tokens_seen = int(history.tokens.sum())
     metrics = {
         "best_val_loss": state.best.value,
         "best_step": state.best.step,
         "final_train_loss": float(history.train_loss.tail(log_every).mean()),  # a single batch is noisy
         "final_val_loss": float(evaluated.val_loss.iloc[-1]),
         "tokens_per_s": float(history.tokens.sum() / history.seconds.sum()),  # training steps only, no evals
+        "tokens_seen": tokens_seen,
+        # the compute-optimal budget is about 20 (Hoffmann et al. 2022); params.full.yaml aims at it
+        "tokens_per_parameter": tokens_seen / sum(p.numel() for p in best_model.parameters()),
     }
     write_json(out / "metrics.json", metrics)
     history["tokens_per_s"] = history.tokens / history.seconds
