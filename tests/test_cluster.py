@@ -2,12 +2,14 @@
 `slurm`) a real single-node Slurm cluster started by a fixture (tests/slurm_cluster.py)."""
 
 import hashlib
+import importlib.metadata
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -256,6 +258,19 @@ def test_local_job_is_queued_modified_released_and_tracked(tiny_project, capsys)
 
     code, out, _ = labpipe_jobs(capsys, "show", record.id, "--lines", "3")
     assert code == 0 and out.count("mlflow run ") == 2 and "rows=28" in out  # 7 groups x 4 codes
+    # the environment: recorded at submission (this venv), on every run, the same: nothing flagged
+    installed = sorted(f"{d.metadata['Name'].lower()}=={d.version}" for d in importlib.metadata.distributions()
+                       if d.metadata["Name"].lower() != "labpipe")
+    assert record.environment["packages"] == installed and record.environment["torch"] == torch.__version__
+    assert record.environment["packages_sha256"] == hashlib.sha256("\n".join(installed).encode()).hexdigest()
+    assert f"torch {torch.__version__}, {len(installed)} packages" in out and "another environment" not in out
+    ran = record.environment["packages_sha256"]
+    record.environment = {**record.environment, "torch": "2.0.0+cu118", "packages_sha256": "0" * 64}
+    registry.save(record)  # as if submitted from another venv
+    code, out, _ = labpipe_jobs(capsys, "show", record.id)
+    assert out.count(f"ran under another environment than submitted: torch {torch.__version__} (submitted "
+                     f"2.0.0+cu118), packages_sha256 {ran} (submitted {'0' * 64})") == 2
+    assert registry.find(tiny_project, record.id).environment == record.environment  # the record round-trips
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("mheight-grokking").experiment_id],
                               f"tags.`dvc.exp_name` LIKE '{record.id}-%'")

@@ -24,6 +24,7 @@ from mlflow.entities.model_registry import ModelVersion  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from labpipe.config import TrackingParams  # noqa: E402
+from labpipe.environment import ENVIRONMENT_TAGS, environment  # noqa: E402
 from labpipe.errors import Terminated, UserError  # noqa: E402
 
 CHAMPION = "champion"
@@ -160,7 +161,9 @@ def stage_run(
     mlflow.set_tracking_uri(tracking_uri())
     resume = resume_run_id if run_exists(resume_run_id) else None
     dvc_experiment = os.environ.get("DVC_EXP_NAME")
-    tags = {"labpipe.line": line, "labpipe.stage": stage, **_code_version()}
+    env = environment()
+    tags = {"labpipe.line": line, "labpipe.stage": stage, **_code_version(),
+            **{f"labpipe.env.{key}": env[key] for key in ENVIRONMENT_TAGS}}
     if dvc_experiment:
         tags["dvc.exp_name"] = dvc_experiment
     run_name = f"{stage}:{dvc_experiment}" if dvc_experiment else None

@@ -21,8 +21,10 @@ import argparse
 import collections
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
+from labpipe import environment
 from labpipe.cluster import capture, local, registry, slurm
 from labpipe.cluster.registry import JobRecord, Task
 from labpipe.config import ConfigError
@@ -111,6 +113,7 @@ def submit(args: argparse.Namespace, project: Path) -> int:
     record = JobRecord(
         id=job_id, stage=stage, executor=args.executor, submitted=registry.now(), project=str(project),
         code=code, data=capture.capture_data(project), tracking_uri=_tracking_uri(project),
+        environment=environment.environment(),
         resources={"partition": args.partition, "gpus": args.gpus, "time": args.time, "hold": args.hold},
         tasks=[Task(i, overrides, params, name=f"{job_id}-{i}" if args.executor == "local" else "")
                for i, (overrides, params) in enumerate(tasks)],
@@ -327,6 +330,10 @@ def show(args: argparse.Namespace, project: Path) -> int:
     print(f"  code       {code['commit']}" + (f" + uncommitted changes, run as {code['snapshot']}"
                                                 if code["dirty"] else ""))
     print(f"  data       dvc.lock sha256 {record.data['dvc_lock_sha256']}")
+    if record.environment:
+        env = record.environment
+        print(f"  env        Python {env['python']}, torch {env['torch'] or '-'}, {len(env['packages'])} packages "
+              f"(sha256 {env['packages_sha256'][:12]})")
     print(f"  mlflow     {record.tracking_uri}")
     if record.executor == "slurm":
         print(f"  folder     {record.folder}")
@@ -371,7 +378,17 @@ def _mlflow_runs(record: JobRecord) -> dict[int, list[str]]:
             line += f", step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in headline.items()) \
                 + (f" (+{more} more)" if more else "")
         runs[task_of[run.info.run_id]].append(line)
+        if other := _other_environment(record, run.data.tags):
+            runs[task_of[run.info.run_id]].append(f"  ran under another environment than submitted: {other}")
     return runs
+
+
+def _other_environment(record: JobRecord, tags: Mapping[str, str]) -> str:
+    """What of the run's environment (its labpipe.env.* tags) differs from the submission's; '' if nothing."""
+    submitted = record.environment
+    return ", ".join(f"{key} {tags[f'labpipe.env.{key}']} (submitted {submitted[key]})"
+                     for key in environment.ENVIRONMENT_TAGS
+                     if submitted and tags.get(f"labpipe.env.{key}", submitted[key]) != submitted[key])
 
 
 def _log_tail(record: JobRecord, task: Task, lines: int) -> list[str]:

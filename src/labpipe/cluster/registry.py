@@ -46,6 +46,7 @@ class JobRecord:
     tracking_uri: str  # the MLflow store the job's runs go to
     resources: dict[str, Any]  # partition, gpus, time, hold
     tasks: list[Task]
+    environment: dict[str, Any] = dataclasses.field(default_factory=dict)  # tracking.environment() at submission
     slurm_job_id: str = ""
     cancelled: bool = False
     history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # modify, release, cancel
