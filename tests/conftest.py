@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -157,3 +158,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def stop_by_pid_file(pid_file: Path, timeout: float) -> None:
+    """SIGTERM the daemon whose pid `pid_file` holds, SIGKILL it after `timeout` s; nothing if it is gone
+    (the slurm and docker harnesses)."""
+    if not pid_file.exists():
+        return
+    with contextlib.suppress(ProcessLookupError, ValueError):
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)  # ProcessLookupError once it has exited
+            time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)

@@ -20,7 +20,6 @@ import http.server
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,8 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from conftest import stop_by_pid_file
 
 ROOT = Path(os.environ.get("LABPIPE_TEST_DOCKER_ROOT", "/var/cache/labpipe-test-docker"))
 # Debian's client: BuildKit without the buildx plugin (a newer client elsewhere on PATH would need buildx)
@@ -61,7 +62,7 @@ def engine() -> Iterator[dict[str, str]]:
     """dockerd under ROOT; yields the environment its clients need (DOCKER_HOST)."""
     pid_file, socket_path = ROOT / "dockerd.pid", ROOT / "docker.sock"
     (ROOT / "exec").mkdir(parents=True, exist_ok=True)
-    _stop(pid_file)  # one left by a run that was killed
+    stop_by_pid_file(pid_file, 30)  # one left by a run that was killed
     env = {**os.environ, "DOCKER_HOST": f"unix://{socket_path}", "DOCKER_BUILDKIT": "1"}
     log = (ROOT / "dockerd.log").open("ab")
     subprocess.Popen(["dockerd", f"--data-root={ROOT / 'data'}", f"--exec-root={ROOT / 'exec'}",
@@ -78,21 +79,8 @@ def engine() -> Iterator[dict[str, str]]:
         # what no tagged image uses any more (the layers of an earlier build): the cache would only grow
         docker(env, "system", "prune", "--force", check=False, capture_output=True)
     finally:
-        _stop(pid_file)
+        stop_by_pid_file(pid_file, 30)
         log.close()
-
-
-def _stop(pid_file: Path, timeout: float = 30) -> None:
-    if not pid_file.exists():
-        return
-    with contextlib.suppress(ProcessLookupError, ValueError):
-        pid = int(pid_file.read_text())
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)  # ProcessLookupError once it has exited
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- the stand-in bases
@@ -146,32 +134,37 @@ def _debian_mirror() -> str:
 # ----------------------------------------------------------------------------- the package index
 
 
-def pip_build_args() -> dict[str, str]:
-    """The settings pip uses on this host (its config and PIP_* environment) that a build can use: index URLs
-    (not file: ones, which a build cannot see), the timeout, and the CA bundle (the stand-ins' system one,
-    which holds the host's CAs)."""
+@functools.cache
+def _pip_settings() -> dict[str, str]:
+    """pip's settings on this host: `pip config list`, then its PIP_* environment on top (key: index-url...)."""
     listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    config = {}
+    settings = {}
     for line in listed.splitlines():
         key, _, value = line.partition("=")
-        config[key.split(".", 1)[-1]] = value.strip().strip("'\"")
+        settings[key.split(".", 1)[-1]] = value.strip().strip("'\"")
     for name, value in os.environ.items():
         if name.startswith("PIP_"):
-            config[name[4:].lower().replace("_", "-")] = value
+            settings[name[4:].lower().replace("_", "-")] = value
+    return settings
+
+
+def pip_build_args() -> dict[str, str]:
+    """The settings pip uses on this host that a build can use: index URLs (not file: ones, which a build
+    cannot see), the timeout, and the CA bundle (the stand-ins' system one, which holds the host's CAs)."""
+    settings = _pip_settings()
     args = {}
     for key in ("index-url", "extra-index-url", "trusted-host", "default-timeout"):
-        urls = [v for v in config.get(key, "").split() if not v.startswith("file:")]
+        urls = [v for v in settings.get(key, "").split() if not v.startswith("file:")]
         if urls:
             args[f"PIP_{key.upper().replace('-', '_')}"] = " ".join(urls)
-    if "cert" in config:
+    if "cert" in settings:
         args["PIP_CERT"] = "/etc/ssl/certs/ca-certificates.crt"
     return args
 
 
 def local_wheels() -> list[Path]:
     """The wheels in the directories pip's find-links names on this host."""
-    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
-    folders = re.findall(r"find-links='([^']+)'", listed) + os.environ.get("PIP_FIND_LINKS", "").split()
+    folders = _pip_settings().get("find-links", "").split()
     return sorted({w for folder in folders if Path(folder).is_dir() for w in Path(folder).glob("*.whl")})
 
 

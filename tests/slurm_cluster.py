@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from conftest import stop_by_pid_file
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 PARTITION = "debug"
@@ -101,7 +102,7 @@ def single_node_cluster(root: Path) -> Iterator[dict[str, str]]:
     finally:
         _cancel_all(env)
         for name in reversed(DAEMONS):
-            _stop(pid_files[name])
+            stop_by_pid_file(pid_files[name], 15)
 
 
 def _wait_until_idle(env: dict[str, str], root: Path, timeout: float = 60) -> None:
@@ -124,19 +125,6 @@ def _cancel_all(env: dict[str, str], timeout: float = 30) -> None:
         if done.returncode != 0 or not done.stdout.strip():
             return
         time.sleep(0.5)
-
-
-def _stop(pid_file: Path, timeout: float = 15) -> None:
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text().split()[0])
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            os.kill(pid, 0)  # ProcessLookupError once it has exited
-            time.sleep(0.2)
-        os.kill(pid, signal.SIGKILL)
 
 
 def squeue(env: dict[str, str], job_id: str, fields: str = "%i|%T|%r|%l") -> list[list[str]]:
