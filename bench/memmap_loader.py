@@ -97,7 +97,7 @@ def main() -> None:
         dataset = ShardDataset(manifest, "train")
         loader = {workers: loader_batches_per_second(dataset, lm.batch_size, workers, args.batches)
                   for workers in args.workers}
-        model = model_steps_per_second(lm, next(training_batches(dataset, lm.batch_size, 0, 0)), args.steps)
+        model = model_steps_per_second(lm, next(training_batches(dataset, lm.batch_size, 0, 0))[0], args.steps)
 
     size = sum(p.numel() for p in build_model(lm, VOCAB).parameters())
     print(f"{synth.train_shards} shards x {synth.sequences_per_shard} rows x {synth.seq_length} tokens (uint16); "

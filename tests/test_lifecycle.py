@@ -8,6 +8,7 @@ new trajectory, one run per output folder, and a truncated newest checkpoint fal
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -108,11 +109,31 @@ def make(tmp_path, mlflow_store, repo_params):
     return make_project
 
 
+def rank_process(launcher: int, rank: int) -> int:
+    """The pid of rank `rank` among the processes that `launcher` started (torch's elastic agent's workers)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        with contextlib.suppress(OSError):
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+            if int(fields["PPid"]) == launcher:
+                environ = (status.parent / "environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in environ:
+                    return int(status.parent.name)
+    raise AssertionError(f"no rank {rank} among the children of {launcher}")
+
+
+# (stage, section overrides): every trainer killed whole; lm_train as 2 ranks, one of which is killed
+KILLS = [pytest.param(stage, {}, id=stage) for stage in TRAINERS] + [
+    pytest.param("lm_train", {"devices": 2, "batch_size": 8}, id="lm_train-rank-1-of-2")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", TRAINERS)
-def test_sigkill_at_a_random_point_resumes_to_the_same_result_in_the_same_run(make, stage):
-    reference, killed = make(stage, "reference"), make(stage, "killed")
-    ok(labpipe(reference, stage))
+@pytest.mark.parametrize(("stage", "overrides"), KILLS)
+def test_sigkill_at_a_random_point_resumes_to_the_same_result_in_the_same_run(make, stage, overrides):
+    reference, killed = make(stage, "reference", **overrides), make(stage, "killed", **overrides)
+    # ranks print to the terminal, which only a process of its own captures
+    finish = (lambda directory: labpipe(directory, stage, env={})) if overrides else \
+        (lambda directory: labpipe(directory, stage))
+    ok(finish(reference))
     total = len(store(reference, stage).all())
     rng = random.Random(stage)
     after = rng.randint(1, max(1, total - 2))  # checkpoints written before the kill
@@ -123,14 +144,22 @@ def test_sigkill_at_a_random_point_resumes_to_the_same_result_in_the_same_run(ma
         assert time.time() < deadline
         time.sleep(0.005)
     time.sleep(rng.uniform(0, 0.05))  # somewhere inside the next epoch or step
-    job.send_signal(signal.SIGKILL)
-    job.communicate()
-    assert job.returncode == -signal.SIGKILL
+    if overrides:  # one rank dies: the launcher stops the other and fails, within seconds
+        os.kill(rank_process(job.pid, 1), signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = job.communicate(timeout=120)
+        assert job.returncode == 128 + signal.SIGKILL, err[-2000:]
+        assert "rank 1 failed first (signal 9); the other ranks were stopped" in err
+        assert time.monotonic() - killed_at < 60
+    else:
+        job.send_signal(signal.SIGKILL)
+        job.communicate()
+        assert job.returncode == -signal.SIGKILL
     done = store(killed, stage).all()
     assert len(done) < total, "the run finished before it was killed"
     opened = run_id(killed, stage)
 
-    resumed = ok(labpipe(killed, stage))
+    resumed = ok(finish(killed))
     assert f"resuming from {done[-1].relative_to(killed)}" in resumed.stdout
     result = RESULT[stage]
     assert digest(out_dir(killed, stage) / result) == digest(out_dir(reference, stage) / result)

@@ -196,10 +196,12 @@ def test_a_resumed_stream_continues_with_the_same_batches(project):
     write_dataset(rows=20, train_shards=3)
     train = ShardDataset(load_manifest(), "train")
     per_epoch = steps_per_epoch(train, 8)  # 60 rows: 7 full batches and one of 4
-    uninterrupted = list(itertools.islice(training_batches(train, 8, seed=1, num_workers=0), 3 * per_epoch))
-    resumed = list(itertools.islice(training_batches(train, 8, seed=1, num_workers=0, start_step=10),
-                                    3 * per_epoch - 10))
+    stream = list(itertools.islice(training_batches(train, 8, seed=1, num_workers=0), 3 * per_epoch))
+    uninterrupted = [rows for rows, _ in stream]
+    resumed = [rows for rows, _ in itertools.islice(training_batches(train, 8, seed=1, num_workers=0, start_step=10),
+                                                    3 * per_epoch - 10)]
     assert len(uninterrupted[per_epoch - 1]) == 4
+    assert [step_rows for _, step_rows in stream] == [len(rows) for rows in uninterrupted]
     for a, b in zip(uninterrupted[10:], resumed, strict=True):
         assert torch.equal(a, b)
     # epoch 1 is epoch_loader(seed + 1)

@@ -62,6 +62,10 @@ class Checkpoints:
     def resumable(self) -> list[Path]:
         return [p for p in self.all() if not self.directories or (p / TRAINER_STATE).is_file()]
 
+    def state_file(self, checkpoint: Path) -> Path:
+        """The file that holds checkpoint's resume state."""
+        return checkpoint / TRAINER_STATE if self.directories else checkpoint
+
     # ------------------------------------------------------------------ one trajectory per folder
 
     def adopt(self, fingerprint: str, record: dict) -> None:
@@ -122,7 +126,7 @@ class Checkpoints:
         corrupt, of another fingerprint) is moved to unreadable/ with a warning, and the one before it is tried."""
         for path in reversed(self.resumable()):
             try:
-                state = load(path / TRAINER_STATE if self.directories else path)
+                state = load(self.state_file(path))
                 if state.get("fingerprint") != fingerprint:
                     raise ValueError("its fingerprint is not the folder's")
                 return path, state

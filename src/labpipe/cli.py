@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "params":
             print(json.dumps(flatten(params), indent=2))
             return 0
+        if (ranks := _ranks_to_start(args.verb, params)) > 1:
+            from labpipe import distributed
+
+            return distributed.launch(argv, ranks, f"labpipe {args.verb}")
         module, function = STAGES[args.verb][0].split(":")
         getattr(importlib.import_module(module), function)(params)
     except UserError as error:  # the user's mistake: one line; anything else is a bug and keeps its traceback
@@ -83,6 +87,24 @@ def main(argv: list[str] | None = None) -> int:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _ranks_to_start(verb: str, params: Params) -> int:
+    """The ranks to start for a stage whose section has `devices` (distributed.py), unless a launcher (torchrun,
+    Slurm) already started this process as one of them."""
+    try:
+        training = registry.stage(verb).training
+    except KeyError:  # a verb that is no stage: synth-verify
+        return 1
+    section = getattr(params, training.section) if training else None
+    if section is None or not hasattr(section, "devices"):
+        return 1
+    from labpipe import distributed
+    from labpipe.device import resolve_device
+
+    if distributed.launched():
+        return 1
+    return distributed.ranks_to_start(section.devices, resolve_device(section.device, f"{training.section}.device"))
 
 
 def _terminate(signum, frame) -> None:

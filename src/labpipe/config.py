@@ -173,7 +173,7 @@ class LMParams:
     context_length: Count  # max_position_embeddings: synth.seq_length must fit
     vocab_size: Natural  # 0: the synthetic data's vocabulary; else at least it
     batch_size: Count  # sequences per forward pass
-    grad_accum_steps: Count  # forward passes per step: a step's batch is batch_size * grad_accum_steps
+    grad_accum_steps: Count  # a step's batch is batch_size * grad_accum_steps rows, dealt to the ranks
     lr: Positive
     adam_beta1: Annotated[float, Bound(0, 1, high_open=True)]
     adam_beta2: Annotated[float, Bound(0, 1, high_open=True)]  # Llama's 0.95: forgets fast enough for a short warmup
@@ -193,6 +193,8 @@ class LMParams:
     seed: Natural
     init_from: str  # "" | a save_pretrained directory (a step_* checkpoint, artifacts/lm/model) | models:/...
     device: str
+    devices: Natural  # ranks labpipe starts on this host (0: one per GPU); under torchrun or Slurm, theirs
+    collective_timeout_s: Positive  # a rank waiting this long for the others fails the job (a dead or hung rank)
 
     def __post_init__(self):
         if self.hidden_size % self.heads:

@@ -45,6 +45,9 @@ class Training:
     # save_pretrained directories (the weights are published for later stages) rather than .pt files
     directory_checkpoints: bool = False
     also_not_trajectory: tuple[str, ...] = ()  # more keys of `section` that do not change the trajectory
+    # keys whose product is the rows of one step (the batch, the accumulation): the fingerprint holds that
+    # product, so a run split otherwise over passes or ranks resumes as the same trajectory
+    step_batch: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +104,8 @@ LINES = (
                    "train a Llama LM on the synthetic shards (stage lm_train)", ("lm",),
                    Training("lm", "artifacts/lm", "step", "max_steps",
                             Champion("lm-synthetic", "val_loss", lower_is_better=True),
-                            directory_checkpoints=True)),
+                            directory_checkpoints=True, also_not_trajectory=("devices", "collective_timeout_s"),
+                            step_batch=("batch_size", "grad_accum_steps"))),
              Stage("lm_eval", "lm-eval", "labpipe.lm.evaluate:run_eval",
                    "in-context learning curve: LM vs HMM Bayes loss (stage lm_eval)", ("lm", "hmm")),
          )),

@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from labpipe import closure, registry
-from labpipe.checkpoint import Checkpoints, GeneratorState
+from labpipe import closure, distributed, registry
+from labpipe.checkpoint import Checkpoints, GeneratorState, load
 from labpipe.config import Params, flatten
 from labpipe.errors import InputError, UserError
 from labpipe.files import sha256_file, staged_outputs
@@ -157,7 +157,8 @@ class TrainingRun(contextlib.AbstractContextManager):
     """One training run of a registered stage (see the module docstring)."""
 
     def __init__(self, stage: str, params: Params, inputs: list[str | Path], parts: dict[str, Any],
-                 init: Callable[[list[dict[str, torch.Tensor]]], None] | None = None):
+                 init: Callable[[list[dict[str, torch.Tensor]]], None] | None = None,
+                 world: distributed.World = distributed.SINGLE):
         self.stage = registry.stage(stage)
         self.spec = self.stage.training
         self.params = params
@@ -168,6 +169,8 @@ class TrainingRun(contextlib.AbstractContextManager):
         self.length = getattr(self.section, self.spec.length)
         self.state = TrainState()
         self.resumed = False
+        self.world = world
+        self.main = world.main  # rank 0: the one that writes
         self._init = init or (lambda loaded: load_into(parts["model"], loaded[0], self._init_sources()[0][0]))
         self.published: list[Path] = []  # what outputs() put in place
         self._exit = contextlib.ExitStack()
@@ -183,11 +186,16 @@ class TrainingRun(contextlib.AbstractContextManager):
             (f"{s}.init_experts_from[{i}]", source) for i, source in enumerate(experts)]
 
     def trajectory_params(self) -> dict[str, Any]:
-        """The section's params that shape the trajectory: what the fingerprint holds."""
-        free = set(registry.NOT_TRAJECTORY) | set(self.spec.also_not_trajectory)
+        """The section's params that shape the trajectory: what the fingerprint holds. The params whose product
+        is a step's batch (registry Training.step_batch) count by that product alone: splitting it otherwise
+        over passes or ranks gives the same steps."""
+        free = set(registry.NOT_TRAJECTORY) | set(self.spec.also_not_trajectory) | set(self.spec.step_batch)
         if self.spec.extendable:
             free.add(self.spec.length)
-        return {k: v for k, v in flatten(self.section).items() if k not in free}
+        trajectory = {k: v for k, v in flatten(self.section).items() if k not in free}
+        if self.spec.step_batch:
+            trajectory["step_batch"] = math.prod(getattr(self.section, key) for key in self.spec.step_batch)
+        return trajectory
 
     def fingerprint(self, inputs: list[str | Path], init_digests: list[str]) -> str:
         digest = hashlib.sha256(json.dumps(self.trajectory_params(), sort_keys=True).encode())
@@ -209,30 +217,41 @@ class TrainingRun(contextlib.AbstractContextManager):
                                      "weights elsewhere first")
             loaded = [load_weights(source, key) for key, source in init]
             self.fingerprint_ = self.fingerprint(self._inputs, [weights_digest(w) for w in loaded])
+            distributed.agree(self.world, self.fingerprint_, "fingerprint (params, inputs, code, init weights)")
             if loaded:  # before anything on disk changes: weights that do not fit stop here (a resume overwrites)
                 self._init(loaded)
-            self._exit.enter_context(output_lock(self.out_dir, self.stage.name))
             self.checkpoints = Checkpoints(self.out_dir / "checkpoints", self.spec.unit,
                                            self.spec.directory_checkpoints, self.section.keep_checkpoints)
-            record = {"stage": self.stage.name, "params": self.trajectory_params(),
-                      "inputs": [str(p) for p in self._inputs]}
-            self.checkpoints.adopt(self.fingerprint_, record)
-            found = self.checkpoints.load_newest(self.fingerprint_)
-            if found is not None:
-                done = found[1]["state"]["step"]
-                if done > self.length:  # its outputs would be those of the longer run
-                    raise UserError(f"{self.spec.section}.{self.spec.length}={self.length}: this run has done {done} "
-                                    f"{self.spec.unit}s already ({found[0]}); give at least {done}, or move "
-                                    f"{self.checkpoints.directory} aside to start over")
-                self._restore(*found)
-            self._tracker = self._exit.enter_context(stage_run(
-                self.params.tracking, self.stage.name,
-                flatten(self.section, f"{self.spec.section}."), self.state.run_id))
-            self._tag_run([source for _key, source in init])
+            newest = distributed.from_main(self.world, self._adopt_checkpoints)  # every rank resumes from it
+            if newest is not None:
+                self._restore(newest, self._newest_state if self.main else load(self.checkpoints.state_file(newest)))
+            if self.main:
+                self._tracker = self._exit.enter_context(stage_run(
+                    self.params.tracking, self.stage.name,
+                    flatten(self.section, f"{self.spec.section}."), self.state.run_id))
+                self._tag_run([source for _key, source in init])
         except BaseException:
             self._exit.close()
             raise
         return self
+
+    def _adopt_checkpoints(self) -> Path | None:
+        """Rank 0: lock the output folder, adopt the checkpoint folder for this fingerprint, and return the
+        newest readable checkpoint (None: a fresh start); its state is kept in self._newest_state."""
+        self._exit.enter_context(output_lock(self.out_dir, self.stage.name))
+        record = {"stage": self.stage.name, "params": self.trajectory_params(),
+                  "inputs": [str(p) for p in self._inputs]}
+        self.checkpoints.adopt(self.fingerprint_, record)
+        found = self.checkpoints.load_newest(self.fingerprint_)
+        if found is None:
+            return None
+        done = found[1]["state"]["step"]
+        if done > self.length:  # its outputs would be those of the longer run
+            raise UserError(f"{self.spec.section}.{self.spec.length}={self.length}: this run has done {done} "
+                            f"{self.spec.unit}s already ({found[0]}); give at least {done}, or move "
+                            f"{self.checkpoints.directory} aside to start over")
+        path, self._newest_state = found
+        return path
 
     def __exit__(self, *exc) -> bool:
         return self._exit.__exit__(*exc)  # the exception reaches the MLflow run (FAILED, KILLED) and the lock
@@ -246,7 +265,8 @@ class TrainingRun(contextlib.AbstractContextManager):
             model = self.parts["model"]
             model.load_state_dict(type(model).from_pretrained(path).state_dict())
         self.resumed = True
-        print(f"resuming from {path} ({self.spec.unit} {self.state.step})")
+        if self.main:
+            print(f"resuming from {path} ({self.spec.unit} {self.state.step})")
 
     def _tag_run(self, sources: list[str]) -> None:
         from mlflow import MlflowClient
@@ -265,16 +285,18 @@ class TrainingRun(contextlib.AbstractContextManager):
     # ------------------------------------------------------------------ the loop
 
     def steps(self, desc: str | None = None) -> Iterator[int]:
-        """The epochs (or steps) still to do, 1-based; after each, a checkpoint on the cadence and at the end."""
+        """The epochs (or steps) still to do, 1-based; after each, a checkpoint on the cadence and at the end
+        (rank 0's: the other ranks hold the same state)."""
         every = self.section.checkpoint_every
-        bar = tqdm(total=self.length, initial=self.state.step, desc=desc or self.stage.name, unit=self.spec.unit)
+        bar = tqdm(total=self.length, initial=self.state.step, desc=desc or self.stage.name, unit=self.spec.unit,
+                   disable=not self.main)
         self.bar = bar
         try:
             for number in range(self.state.step + 1, self.length + 1):
                 yield number
                 self.state.step = number
                 bar.update()
-                if number % every == 0 or number == self.length:
+                if self.main and (number % every == 0 or number == self.length):
                     self.save_checkpoint()
         finally:
             bar.close()
@@ -287,14 +309,17 @@ class TrainingRun(contextlib.AbstractContextManager):
         return self.checkpoints.save(self.state.step, payload, publish)
 
     def log(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        self._tracker.log_metrics(metrics, step=self.state.step if step is None else step)
+        if self.main:
+            self._tracker.log_metrics(metrics, step=self.state.step if step is None else step)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._tracker.set_tags(tags)
+        if self.main:
+            self._tracker.set_tags(tags)
 
     def offer_best(self, value: float, weights: torch.nn.Module | Mapping[str, torch.Tensor], step: int) -> bool:
-        """Keep `weights` as the best so far when `value` of the champion metric beats it; a NaN or inf stops
-        the run (DivergedError) before any output is written."""
+        """Keep `weights` as the best so far when `value` of the champion metric beats it (rank 0 keeps the
+        weights; the others only the record); a NaN or inf stops the run (DivergedError) before any output is
+        written."""
         metric = self.spec.champion.metric
         if not math.isfinite(value):
             raise DivergedError(f"{self.stage.name}: {metric} is {value} at {self.spec.unit} {step}: training "
@@ -302,7 +327,7 @@ class TrainingRun(contextlib.AbstractContextManager):
         best = self.state.best
         lower = self.spec.champion.lower_is_better
         if best is None or (value < best.value if lower else value > best.value):
-            self.state.best = Best(step, float(value), _cpu_copy(weights))
+            self.state.best = Best(step, float(value), _cpu_copy(weights) if self.main else {})
             return True
         return False
 
@@ -315,7 +340,8 @@ class TrainingRun(contextlib.AbstractContextManager):
 
     def finish(self, model: torch.nn.Module, metrics: Mapping[str, Any]) -> None:
         """Log what outputs() published (its PNG and JSON files as artifacts), log `model` (the best weights),
-        apply the champion rule of the registry, and say in one line what became of it."""
+        apply the champion rule of the registry, and say in one line what became of it. Rank 0's alone, as
+        outputs()."""
         from labpipe.tracking import register_if_better
 
         tracker, champion, best = self._tracker, self.spec.champion, self.state.best

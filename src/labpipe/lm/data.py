@@ -16,17 +16,23 @@ emissions, where the rows of a block share a permutation: a batch should see man
 training should not dwell on a few of them. Every row is visited exactly once per epoch; each window's
 order has its own seed, (epoch seed, window), so a resumed run skips to any batch without drawing the
 orders it skips.
+
+Under data parallelism each rank reads its share of every batch (distributed.share: contiguous, disjoint,
+together the batch), so the order of the rows depends on (seed, epoch, batch size) alone, not on the number
+of ranks, and every rank still sees each row of the epoch at most once.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from labpipe.distributed import SINGLE, World, share
 from labpipe.synth.manifest import Manifest
 
 OPEN_SHARDS = 256  # memmaps a process keeps open
@@ -108,13 +114,34 @@ class EpochOrder(torch.utils.data.Sampler[int]):
             yield from map(int, rows[order])  # lazily: no Python list of a whole window's indices
 
 
+class RankBatches(torch.utils.data.Sampler[list[int]]):
+    """The rows `world`'s rank reads of each batch of batch_size rows of `order`: its share of the batch."""
+
+    def __init__(self, order: EpochOrder, batch_size: int, world: World):
+        self.order, self.batch_size, self.world = order, batch_size, world
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rows = iter(self.order)
+        while batch := list(itertools.islice(rows, self.batch_size)):
+            yield batch[share(len(batch), self.world)]
+
+
+def stack_rows(rows: list[torch.Tensor], seq_length: int) -> torch.Tensor:
+    """A batch of rows; an empty share of a short last batch is a (0, seq_length) batch."""
+    return torch.stack(rows) if rows else torch.empty((0, seq_length), dtype=torch.int64)
+
+
 def epoch_loader(dataset: ShardDataset, batch_size: int, seed: int, num_workers: int = 0, skip_batches: int = 0,
-                 pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """Batches (batch_size, seq_length) of one epoch in the order of EpochOrder(seed), from batch skip_batches
-    on. The last batch of an epoch may be smaller: every row is used once per epoch."""
+                 pin_memory: bool = False, world: World = SINGLE) -> torch.utils.data.DataLoader:
+    """The rank's share of each batch of batch_size rows of one epoch, in the order of EpochOrder(seed), from
+    batch skip_batches on. The last batch of an epoch may be smaller: every row is used once per epoch."""
     order = EpochOrder(dataset.shard_sizes, seed, skip=skip_batches * batch_size)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
-                                       pin_memory=pin_memory)
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=RankBatches(order, batch_size, world), num_workers=num_workers, pin_memory=pin_memory,
+        collate_fn=functools.partial(stack_rows, seq_length=dataset.manifest.seq_length))
 
 
 def steps_per_epoch(dataset: ShardDataset, batch_size: int) -> int:
@@ -122,12 +149,15 @@ def steps_per_epoch(dataset: ShardDataset, batch_size: int) -> int:
 
 
 def training_batches(dataset: ShardDataset, batch_size: int, seed: int, num_workers: int, start_step: int = 0,
-                     pin_memory: bool = False) -> Iterator[torch.Tensor]:
-    """The endless stream of training batches: epoch e in the order of seed + e, starting after `start_step`
-    batches, so that a resumed run sees exactly the batches an uninterrupted one would."""
+                     pin_memory: bool = False, world: World = SINGLE) -> Iterator[tuple[torch.Tensor, int]]:
+    """The endless stream of (the rank's rows, the rows of the whole batch) of each training step: epoch e in
+    the order of seed + e, starting after `start_step` batches, so that a resumed run sees exactly the batches
+    an uninterrupted one would."""
     epoch, done = divmod(start_step, steps_per_epoch(dataset, batch_size))
     while True:
-        yield from epoch_loader(dataset, batch_size, seed + epoch, num_workers, done, pin_memory)
+        for number, rows in enumerate(epoch_loader(dataset, batch_size, seed + epoch, num_workers, done, pin_memory,
+                                                   world), start=done):
+            yield rows, min(batch_size, len(dataset) - number * batch_size)
         epoch, done = epoch + 1, 0
 
 

@@ -18,7 +18,14 @@ never predicted (there is no BOS token). The optimizer is AdamW (betas lm.adam_b
 weight decay on the matrices only (every projection, the token embedding and the LM head; not the RMSNorm
 gains), the learning rate a linear warmup then a cosine decay to lr * min_lr_ratio at decay_steps, where it
 stays; gradients are clipped to grad_clip. A step's batch is batch_size * grad_accum_steps rows, its gradients
-accumulated over passes of batch_size rows.
+accumulated over passes of at most batch_size rows.
+
+Data parallel (distributed.py): launched as N ranks (lm.devices, torchrun or Slurm tasks), each rank reads its
+share of every step's batch (lm.data: the ranks' shares are disjoint and together the batch), runs its passes
+through DDP, which averages the gradients over the ranks in the last pass's backward, and validates its share
+of the val rows; losses are summed over the ranks. The step's batch stays batch_size * grad_accum_steps rows
+whatever N, so N ranks train the trajectory one process does (to float rounding), and a run resumes on another
+number of ranks. Rank 0 alone checkpoints, logs and writes the outputs (labpipe.run).
 
 Bad input stops the stage before the model is built: a missing manifest or shard, a shard whose sha256 is
 not the manifest's, a vocabulary larger than the model's, rows longer than its context (the params' own
@@ -53,7 +60,7 @@ import torch
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from labpipe import registry
+from labpipe import distributed, registry
 from labpipe.checkpoint import TorchRNG
 from labpipe.config import LMParams, Params
 from labpipe.device import resolve_device
@@ -166,84 +173,110 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def accumulate_gradients(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int,
-                         device: torch.device) -> float:
-    """Backward passes over `tokens` in pieces of batch_size rows, each loss weighted by its share of the rows
-    (all rows have one length): the gradients, and the loss returned, are those of one pass over all of
-    `tokens`, whatever the split, the smaller last batch of an epoch included."""
+def accumulate_gradients(model: torch.nn.Module, tokens: torch.Tensor, batch_size: int, step_rows: int,
+                         ranks: int, device: torch.device) -> float:
+    """Backward passes over this rank's `tokens` in pieces of at most batch_size rows, each loss weighted by
+    its share of the step's `step_rows` rows over all `ranks` (all rows have one length), and returns the sum
+    of the weighted losses: summed over the ranks, the gradients and the loss are those of one pass over the
+    whole step batch, whatever the split, the smaller last batch of an epoch included. Under DDP, which
+    averages the gradients over the ranks, each loss is scaled by `ranks`, and only the last pass syncs; a rank
+    whose share is empty still makes one pass, of weight 0, so that every rank joins the sync."""
+    pieces = [(piece, len(piece) / step_rows) for piece in tokens.split(batch_size)] \
+        or [(tokens.new_zeros((1, tokens.shape[1])), 0.0)]
     total = 0.0
-    for piece in tokens.split(batch_size):
-        with autocast(device):
-            loss = causal_lm_loss(model, piece) * (len(piece) / len(tokens))
-        loss.backward()
+    for number, (piece, weight) in enumerate(pieces, start=1):
+        local = model.no_sync() if number < len(pieces) and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with local:
+            with autocast(device):
+                loss = causal_lm_loss(model, piece) * weight
+            (loss * ranks).backward()
         total += loss.item()
     return total
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, val: ShardDataset, rows: int, batch_size: int,
-                    device: torch.device) -> float:
-    """Mean per-token causal LM loss over the first `rows` rows of the val split (all rows have one length)."""
+def validation_loss(model: torch.nn.Module, val: ShardDataset, rows: int, batch_size: int, device: torch.device,
+                    world: distributed.World = distributed.SINGLE) -> float:
+    """Mean per-token causal LM loss over the first `rows` rows of the val split (all rows have one length),
+    each rank computing its share."""
     model.eval()
     total = 0.0
-    for start in range(0, rows, batch_size):
-        tokens = torch.stack([val[i] for i in range(start, min(start + batch_size, rows))]).to(device)
+    mine = range(rows)[distributed.share(rows, world)]
+    for start in range(mine.start, mine.stop, batch_size):
+        tokens = torch.stack([val[i] for i in range(start, min(start + batch_size, mine.stop))]).to(device)
         with autocast(device):
             total += causal_lm_loss(model, tokens).item() * len(tokens)
     model.train()
-    return total / rows
+    return distributed.all_sum([total], world)[0] / rows
 
 
 # ----------------------------------------------------------------------------- the stage
 
 
 def run_train(params: Params) -> None:
-    """Stage lm_train."""
+    """Stage lm_train, in this process or as one rank of several."""
     lm = params.lm
-    device = resolve_device(lm.device, "lm.device")
-    manifest, train, val = open_data(lm)
+    world = distributed.world()
+    device = distributed.rank_device(world, resolve_device(lm.device, "lm.device"))
+    manifest, train, val = open_data(lm)  # every rank checks: each stops with the same line
     eval_rows = validation_rows(lm, val)
-    verify_shards(val, shards_of_rows(val, eval_rows))
-    step_batch = lm.batch_size * lm.grad_accum_steps  # the rows of one optimizer step
-    verify_shards(train, shards_read(train, step_batch, lm.seed, lm.max_steps))
+    step_batch = lm.batch_size * lm.grad_accum_steps  # the rows of one optimizer step, over all ranks
+    with distributed.process_group(world, device, lm.collective_timeout_s):
+        distributed.from_main(world, lambda: (verify_shards(val, shards_of_rows(val, eval_rows)),
+                                              verify_shards(train, shards_read(train, step_batch, lm.seed,
+                                                                               lm.max_steps))))
+        train_model(params, world, device, manifest, train, val, eval_rows, step_batch)
 
+
+def train_model(params: Params, world: distributed.World, device: torch.device, manifest: Manifest,
+                train: ShardDataset, val: ShardDataset, eval_rows: int, step_batch: int) -> None:
+    """The model, its run and its loop, on every rank; rank 0 writes the outputs."""
+    lm = params.lm
     torch.manual_seed(lm.seed)
     model = build_model(lm, model_vocab_size(lm, manifest)).to(device).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, lm.weight_decay), lr=lm.lr,
                                   betas=(lm.adam_beta1, lm.adam_beta2), fused=device.type == "cuda")
     parts = {"model": model, "optimizer": optimizer, "rng": TorchRNG(device)}
 
-    with TrainingRun("lm_train", params, [manifest.path], parts) as run:  # the manifest holds every shard's sha256
+    # the manifest holds every shard's sha256
+    with TrainingRun("lm_train", params, [manifest.path], parts, world=world) as run:
         history, extra = run.state.history, run.state.extra
         parameters = sum(p.numel() for p in model.parameters())
         extra.setdefault("tokens_seen", sum(record["tokens"] for record in history))
         run.set_tags({"device": str(device), "manifest": str(manifest.path), "train_sequences": len(train),
-                      "val_sequences": eval_rows, "parameters": parameters})
-        step_model = torch.compile(model) if lm.compile else model  # the same parameters; `model` saves cleanly
+                      "val_sequences": eval_rows, "parameters": parameters, "ranks": world.size,
+                      "step_batch": f"{step_batch} rows ({lm.batch_size} x {lm.grad_accum_steps}), "
+                                    f"{step_batch // world.size} per rank"})
+        # DDP around the model; torch.compile around DDP (its optimizer splits graphs at the gradient buckets)
+        parallel = distributed.data_parallel(model, world, device)
+        step_model = torch.compile(parallel) if lm.compile else parallel  # `model` saves cleanly
 
         def validate(step: int) -> float:
-            history[-1]["val_loss"] = validation_loss(model, val, eval_rows, lm.batch_size, device)
+            history[-1]["val_loss"] = validation_loss(model, val, eval_rows, lm.batch_size, device, world)
             run.log({"val_loss": history[-1]["val_loss"]}, step=step)
             run.offer_best(history[-1]["val_loss"], model, step)
             return history[-1]["val_loss"]
 
         batches = training_batches(train, step_batch, lm.seed, lm.num_workers, start_step=run.state.step,
-                                   pin_memory=device.type == "cuda")
+                                   pin_memory=device.type == "cuda", world=world)
         with contextlib.closing(batches):  # stops the loader's workers
             for step in run.steps("lm steps"):
                 started = time.perf_counter()
-                tokens = next(batches).to(device, non_blocking=True)
+                rows, step_rows = next(batches)
+                tokens = rows.to(device, non_blocking=True)
                 lr = learning_rate(step, lm)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 optimizer.zero_grad(set_to_none=True)
-                loss = accumulate_gradients(step_model, tokens, lm.batch_size, device)
+                loss = accumulate_gradients(step_model, tokens, lm.batch_size, step_rows, world.size, device)
+                loss = distributed.all_sum([loss], world)[0]
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), lm.grad_clip)
                 optimizer.step()
+                step_tokens = step_rows * manifest.seq_length
                 history.append({"step": step, "train_loss": loss, "val_loss": math.nan, "lr": lr,
-                                "grad_norm": grad_norm.item(), "tokens": tokens.numel(),
+                                "grad_norm": grad_norm.item(), "tokens": step_tokens,
                                 "seconds": time.perf_counter() - started})
-                extra["tokens_seen"] += tokens.numel()
+                extra["tokens_seen"] += step_tokens
 
                 if step % lm.log_every == 0 or step == run.length:
                     window = pd.DataFrame(history[-lm.log_every:])
@@ -255,6 +288,8 @@ def run_train(params: Params) -> None:
                     run.bar.set_postfix(loss=f"{loss:.4f}", val=f"{validate(step):.4f}")
         if math.isnan(history[-1]["val_loss"]):
             validate(run.state.step)  # the run ends off the eval_every cadence (run.py)
+        if not run.main:
+            return
 
         best_model = LlamaForCausalLM(model.config)
         best_model.load_state_dict(run.state.best.weights)
