@@ -14,7 +14,8 @@ import yaml
 from mlflow import MlflowClient
 
 import slurm_cluster
-from conftest import REPO, copy_project, write_params
+from conftest import REPO, copy_project, tiny_params, write_params
+from labpipe import registry as lines
 from labpipe.cluster import accelerators, capture, jobs, local, registry, slurm
 
 # ----------------------------------------------------------------------------- recorded outputs
@@ -187,6 +188,13 @@ def test_bad_submissions_are_refused_before_anything_is_submitted(tiny_project, 
         (["submit", "grok_train", "--sweep", "grok.weight_decay"], "is not of the form section.key=value1,value2"),
         (["submit", "grok_train", "--partition", "gpu"], "--partition and --time are Slurm's"),
         (["submit", "grok_train", "--executor", "slurm", "--time", "1h"], "is not a Slurm time"),
+        (["submit", "grok_train", "--executor", "slurm", "--nodes", "2"],
+         "--nodes/--tasks-per-node: grok_train trains in one process; several ranks are for lm_train"),
+        (["submit", "lm_train", "--tasks-per-node", "2"],
+         "--nodes and --tasks-per-node are Slurm's: on this machine the ranks are lm.devices"),
+        (["submit", "lm_train", "--executor", "slurm", "--nodes", "0"], "--nodes 0: give at least 1"),
+        (["submit", "lm_train"], "lm_train reads the synthetic shards in synth.out_dir=artifacts/synth/shards, "
+                                 "inside the project: a job runs in a snapshot of the commit"),
         (["show", "nope"], "no job 'nope'"),
         (["cancel", "nope"], "no job 'nope'"),
     ]
@@ -347,6 +355,11 @@ def test_slurm_held_job_is_listed_modified_while_pending_and_cancelled(in_slurm_
     assert code == 2 and "partition 'gpu' is not one Slurm knows: debug" in err
     code, _, err = labpipe_jobs(capsys, "submit", "grok_train", "--executor", "slurm", "--gpus", "1")
     assert code == 2 and "no node of partition 'debug' has that many GPUs (the most is 0" in err
+    code, _, err = labpipe_jobs(capsys, "submit", "lm_train", "--executor", "slurm", "--nodes", "2")
+    assert code == 2 and "--nodes 2 with 1 task(s) and 0 GPU(s) each: partition 'debug' has 1 such node(s)" in err
+    many = str((os.cpu_count() or 1) + 1)
+    code, _, err = labpipe_jobs(capsys, "submit", "lm_train", "--executor", "slurm", "--tasks-per-node", many)
+    assert code == 2 and f"--nodes 1 with {many} task(s)" in err and "has 0 such node(s)" in err
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=cluster).stdout == ""
 
     code, out, _ = labpipe_jobs(capsys, "submit", "grok_train", "--executor", "slurm", "--hold", "--time", "5")
@@ -463,3 +476,47 @@ def test_slurm_sweep_array_runs_the_submitted_code_and_lands_in_one_experiment(i
 
     code, out, _ = labpipe_jobs(capsys, "show", record.id, "--lines", "2")
     assert code == 0 and out.count("mlflow run ") == 3 and out.count(": COMPLETED") == 3
+
+
+@pytest.fixture(scope="module")
+def lm_slurm_project(tmp_path_factory, cluster):
+    """A tiny project whose synthetic shards are made (`dvc repro synth`, lock committed): what lm_train reads."""
+    params = tiny_params(yaml.safe_load((REPO / "params.yaml").read_text().replace(": off", ': "off"')))
+    root = tmp_path_factory.mktemp("lm-slurm-project")
+    params["synth"]["out_dir"] = str(root / "scratch/shards")  # storage the nodes share: a job's snapshot reads it
+    project = make_project(root / "project", params)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    done = subprocess.run(["dvc", "repro", "synth"], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    commit(project, "synthetic shards")
+    return project
+
+
+@pytest.mark.slurm
+def test_a_two_task_slurm_job_trains_lm_as_two_ranks_one_run_one_set_of_checkpoints(lm_slurm_project, cluster,
+                                                                                    capsys, monkeypatch):
+    project = lm_slurm_project
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("SLURM_CONF", cluster["SLURM_CONF"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    code, out, _ = labpipe_jobs(capsys, "submit", "lm_train", "--executor", "slurm", "--tasks-per-node", "2",
+                                *("--set", "lm.max_steps=8", "--set", "lm.decay_steps=8"),
+                                *("--set", "lm.checkpoint_every=4"))
+    assert code == 0 and "each 2 ranks (1 node(s) x 2)" in out, out
+    record = newest_job(project)
+    assert wait_until_done(record, timeout=300) == ["COMPLETED"]
+
+    logs = {rank: next((record.folder / "logs").glob(f"{record.slurm_job_id}_{rank}_log.out")).read_text()
+            for rank in (0, 1)}
+    assert "task 0 rank 0 of 2: dvc repro lm_train" in logs[0] and "task 0 rank 1 of 2" in logs[1]
+    workdir = Path(record.tasks[0].workdir)
+    checkpoints = sorted(p.name for p in (workdir / "artifacts/lm/checkpoints").iterdir() if p.name != "run.json")
+    assert checkpoints == ["step_00000004", "step_00000008"]  # written once, by rank 0
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(lines.line_of("lm_train").experiment)
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`labpipe.job_id` = '{record.id}' and "
+                                                           "tags.`labpipe.stage` = 'lm_train'")
+    assert run.info.status == "FINISHED" and run.data.tags["ranks"] == "2"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == {8}

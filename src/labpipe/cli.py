@@ -90,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _ranks_to_start(verb: str, params: Params) -> int:
-    """The ranks to start for a stage whose section has `devices` (distributed.py), unless a launcher (torchrun,
-    Slurm) already started this process as one of them."""
+    """The ranks `<section>.devices` asks for, for a data-parallel stage (distributed.py), unless a launcher
+    (torchrun, Slurm) started this process as one of them."""
     try:
         training = registry.stage(verb).training
     except KeyError:  # a verb that is no stage: synth-verify
         return 1
-    section = getattr(params, training.section) if training else None
-    if section is None or not hasattr(section, "devices"):
+    if training is None or not training.data_parallel:
         return 1
+    section = getattr(params, training.section)
     from labpipe import distributed
     from labpipe.device import resolve_device
 

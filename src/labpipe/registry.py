@@ -48,6 +48,8 @@ class Training:
     # keys whose product is the rows of one step (the batch, the accumulation): the fingerprint holds that
     # product, so a run split otherwise over passes or ranks resumes as the same trajectory
     step_batch: tuple[str, ...] = ()
+    # runs as several ranks (labpipe.distributed): `<section>.devices` ranks here, or one per Slurm task
+    data_parallel: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +107,7 @@ LINES = (
                    Training("lm", "artifacts/lm", "step", "max_steps",
                             Champion("lm-synthetic", "val_loss", lower_is_better=True),
                             directory_checkpoints=True, also_not_trajectory=("devices", "collective_timeout_s"),
-                            step_batch=("batch_size", "grad_accum_steps"))),
+                            step_batch=("batch_size", "grad_accum_steps"), data_parallel=True)),
              Stage("lm_eval", "lm-eval", "labpipe.lm.evaluate:run_eval",
                    "in-context learning curve: LM vs HMM Bayes loss (stage lm_eval)", ("lm", "hmm")),
          )),

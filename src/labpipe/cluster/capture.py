@@ -43,6 +43,21 @@ def stages(project: Path) -> list[str]:
     return list((yaml.safe_load(path.read_text()) or {}).get("stages", {}))
 
 
+def check_shards_reachable(project: Path, stage: str, params: dict) -> None:
+    """CaptureError when `stage` reads the synthetic shards (its deps hold their manifest) from a synth.out_dir
+    inside the project: a job runs in a snapshot of the commit, which has the manifest (DVC's) but never the
+    shards, which stay out of DVC."""
+    from labpipe.synth.manifest import MANIFEST
+
+    deps = yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage].get("deps", [])
+    out_dir = params["synth"]["out_dir"]
+    if str(MANIFEST) in deps and not Path(out_dir).is_absolute():
+        raise CaptureError(f"{stage} reads the synthetic shards in synth.out_dir={out_dir}, inside the project: a "
+                           "job runs in a snapshot of the commit, which has their manifest (DVC) but not the shards; "
+                           "set synth.out_dir to an absolute path that the job's machines share (as at full scale) "
+                           "and run `dvc repro synth`, or train here without a job")
+
+
 def capture_code(project: Path, allow_dirty: bool) -> dict[str, Any]:
     """HEAD, whether tracked files differ from it, and the commit that will run."""
     try:

@@ -3,6 +3,7 @@
     labpipe jobs submit grok_train --set grok.epochs=100          # DVC's experiment queue, here
     labpipe jobs submit grok_train --executor slurm --partition gpu --gpus 1 --time 4:00:00 \\
         --sweep grok.weight_decay=0.01,0.03,0.1                    # one Slurm array task per value
+    labpipe jobs submit lm_train --executor slurm --nodes 2 --gpus-per-node 4   # 8 ranks, one per GPU
     labpipe jobs list
     labpipe jobs show <id>                      # state, last MLflow metrics, log tail (a prefix of the id will do)
     labpipe jobs modify <id> --time 2:00:00     # Slurm: pending jobs only (scontrol update)
@@ -11,8 +12,9 @@
     labpipe jobs cancel <id>
 
 A job records its code (commit), config (resolved params) and data (dvc.lock) in .labpipe/jobs/<id>.json.
-Bad input (an unknown stage or params key, a partition Slurm does not know, GPUs that are not there, a dirty
-tree) is refused with exit code 2 before anything is submitted.
+Bad input (an unknown stage or params key, a partition Slurm does not know, GPUs or nodes that are not there,
+a dirty tree) is refused with exit code 2 before anything is submitted. A data-parallel stage (lm_train) on
+Slurm runs one rank per task: --tasks-per-node of them on each of --nodes nodes (default: one per GPU).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from labpipe import environment
+from labpipe import registry as lines
 from labpipe.cluster import capture, local, registry, slurm
 from labpipe.cluster.registry import JobRecord, Task
 from labpipe.config import ConfigError
@@ -62,7 +65,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="one task per value (several --sweep: their product)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: DVC's experiment queue on this machine; slurm: sbatch through submitit")
-    p.add_argument("--gpus", type=int, default=0, help="GPUs per task (slurm: per node; local: checked to be here)")
+    p.add_argument("--gpus", "--gpus-per-node", dest="gpus", type=int, default=0,
+                   help="GPUs per node (local: checked to be here)")
+    p.add_argument("--nodes", type=int, default=1, help="Slurm nodes (data-parallel stages: lm_train)")
+    p.add_argument("--tasks-per-node", type=int,
+                   help="Slurm tasks per node, one rank each (default: one per GPU for lm_train, else 1)")
     p.add_argument("--partition", help="Slurm partition (default: the cluster's default)")
     p.add_argument("--time", help=f"Slurm time limit ({slurm.TIME_FORMATS}; default {DEFAULT_TIME}); at the "
                                   "limit the job checkpoints and is requeued (3 times at most)")
@@ -101,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def submit(args: argparse.Namespace, project: Path) -> int:
     stage = _stage(project, args.stage)
+    _check_ranks(args, stage)
     tasks = capture.resolve_tasks(project / "params.yaml", args.set, args.sweep)
+    for _overrides, params in tasks:
+        capture.check_shards_reachable(project, stage, params)
     if args.executor == "local":
         _check_local(args, project)
     else:
@@ -114,7 +124,8 @@ def submit(args: argparse.Namespace, project: Path) -> int:
         id=job_id, stage=stage, executor=args.executor, submitted=registry.now(), project=str(project),
         code=code, data=capture.capture_data(project), tracking_uri=_tracking_uri(project),
         environment=environment.environment(),
-        resources={"partition": args.partition, "gpus": args.gpus, "time": args.time, "hold": args.hold},
+        resources={"partition": args.partition, "gpus": args.gpus, "nodes": args.nodes,
+                   "tasks_per_node": args.tasks_per_node, "time": args.time, "hold": args.hold},
         tasks=[Task(i, overrides, params, name=f"{job_id}-{i}" if args.executor == "local" else "")
                for i, (overrides, params) in enumerate(tasks)],
     )
@@ -125,7 +136,9 @@ def submit(args: argparse.Namespace, project: Path) -> int:
     registry.save(record)
 
     where = f"Slurm job {record.slurm_job_id}" if record.executor == "slurm" else "DVC's experiment queue"
+    ranks = args.nodes * args.tasks_per_node
     print(f"submitted {record.id}: {stage}, {len(record.tasks)} task(s), to {where}"
+          + (f", each {ranks} ranks ({args.nodes} node(s) x {args.tasks_per_node})" if ranks > 1 else "")
           + (" (held: labpipe jobs release starts it)" if args.hold else ""))
     print(f"  code {code['commit'][:12]}" + (f" + uncommitted changes (as {code['snapshot'][:12]})"
                                             if code["dirty"] else "")
@@ -140,6 +153,24 @@ def _stage(project: Path, name: str) -> str:
         if candidate in known:
             return candidate
     raise JobError(f"unknown stage {name!r}: the stages of dvc.yaml are {', '.join(known)}")
+
+
+def _check_ranks(args: argparse.Namespace, stage: str) -> None:
+    """Resolve args.tasks_per_node: several tasks or nodes only for a data-parallel stage on Slurm."""
+    training = lines.STAGES[stage].training if stage in lines.STAGES else None
+    parallel = training is not None and training.data_parallel
+    for flag, value in (("--nodes", args.nodes), ("--tasks-per-node", args.tasks_per_node), ("--gpus", args.gpus)):
+        if value is not None and value < (0 if flag == "--gpus" else 1):
+            raise JobError(f"{flag} {value}: give at least {0 if flag == '--gpus' else 1}")
+    several = args.nodes > 1 or (args.tasks_per_node or 1) > 1
+    if several and not parallel:
+        raise JobError(f"--nodes/--tasks-per-node: {stage} trains in one process; several ranks are for "
+                       f"{', '.join(s.name for s in lines.STAGES.values() if s.training and s.training.data_parallel)}")
+    if several and args.executor == "local":
+        raise JobError("--nodes and --tasks-per-node are Slurm's: on this machine the ranks are "
+                       f"{training.section}.devices (--set {training.section}.devices=N)")
+    if args.tasks_per_node is None:
+        args.tasks_per_node = max(args.gpus, 1) if parallel and args.executor == "slurm" else 1
 
 
 def _check_local(args: argparse.Namespace, project: Path) -> None:
@@ -171,11 +202,17 @@ def _check_slurm(args: argparse.Namespace) -> str:
         raise JobError(f"the cluster has no default partition: pass --partition (one of {', '.join(known)})")
     if partition not in known:
         raise JobError(f"partition {partition!r} is not one Slurm knows: {', '.join(known)}")
+    nodes = slurm.nodes()
     if args.gpus:
-        most = max((node.gpus for node in slurm.nodes() if partition in node.partitions), default=0)
+        most = max((node.gpus for node in nodes if partition in node.partitions), default=0)
         if most < args.gpus:
             raise JobError(f"--gpus {args.gpus}: no node of partition {partition!r} has that many GPUs (the most "
                            f"is {most}; labpipe accelerators --cluster lists them)")
+    fit = slurm.fitting(nodes, partition, args.gpus, args.tasks_per_node)
+    if len(fit) < args.nodes:
+        raise JobError(f"--nodes {args.nodes} with {args.tasks_per_node} task(s) and {args.gpus} GPU(s) each: "
+                       f"partition {partition!r} has {len(fit)} such node(s) (labpipe accelerators --cluster "
+                       f"--nodes {args.nodes} --gpus-per-node {args.gpus} shows them)")
     return partition
 
 
@@ -225,6 +262,8 @@ def _submit_slurm(record: JobRecord) -> None:
         timeout_min=_minutes(resources["time"]),
         slurm_partition=resources["partition"],
         **({"gpus_per_node": resources["gpus"]} if resources["gpus"] else {}),
+        nodes=resources.get("nodes", 1),
+        tasks_per_node=resources.get("tasks_per_node", 1),  # one rank each (runner.StageJob)
         **({"slurm_additional_parameters": {"hold": True}} if resources["hold"] else {}),
     )
     # One callable per task; several make one array job (arrays of 1 are plain jobs).

@@ -6,6 +6,12 @@ StageJob, and requeues the job. There is no state to save here: the stages check
 files in the snapshot, e.g. artifacts/grok/checkpoints/), so the requeued `dvc repro` resumes where the
 stage left off, in the same MLflow run. A job requeued without warning (`scontrol requeue`, a node
 failure) runs the same StageJob again and resumes the same way.
+
+A job of several Slurm tasks (`--nodes`, `--tasks-per-node`) runs a data-parallel stage with one rank per task
+(labpipe.distributed). Rank 0 does what a single task does; the stage it starts through `dvc repro` is rank
+0 of the world. The other ranks wait for rank 0 to say whether the stage runs at all (it may be up to date)
+once its inputs are in place, in a file of the snapshot for this start of the job; then they run the stage's
+verb themselves in the same snapshot, and join.
 """
 
 from __future__ import annotations
@@ -15,9 +21,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import submitit
+
+from labpipe import distributed, registry
+from labpipe.files import write_json
 
 
 class StageJob(submitit.helpers.Checkpointable):
@@ -32,15 +42,55 @@ class StageJob(submitit.helpers.Checkpointable):
         self.dvc_lock_sha256 = dvc_lock_sha256
 
     def __call__(self) -> dict:
+        world = distributed.world()  # several Slurm tasks: exported as torchrun's variables for the stage
         env = self.environment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-        print(f"labpipe job {self.job_id} task {self.task}: dvc repro {self.stage} in {self.workdir}"
+        rank = f" rank {world.rank} of {world.size}" if world.size > 1 else ""
+        print(f"labpipe job {self.job_id} task {self.task}{rank}: dvc repro {self.stage} in {self.workdir}"
               + (f" (restart {restarts})" if restarts else ""), flush=True)
-        self.dvc(env, "checkout", "--with-deps", "--allow-missing", self.stage)
-        self.check_data(env)
-        self.dvc(env, "repro", self.stage)
+        if not world.main:
+            return self.join_rank_0(env, world, restarts)
+        decision = self.decision_file(restarts)
+        try:
+            self.dvc(env, "checkout", "--with-deps", "--allow-missing", self.stage)
+            self.check_data(env)
+            if world.size > 1:  # the upstream stages first: then the others know whether this one runs
+                if stale := self.stale_upstream(env):
+                    self.dvc(env, "repro", *stale)
+                stale = self.stage in json.loads(self.dvc(env, "status", "--json", self.stage, capture=True) or "{}")
+                write_decision(decision, {"run": stale})
+            self.dvc(env, "repro", self.stage)
+        finally:
+            if world.size > 1 and not decision.exists():
+                write_decision(decision, {"run": False, "failed": True})
         # The stage's outputs are in the shared DVC cache now; the task's dvc.lock says which hashes.
         return {"job": self.job_id, "task": self.task, "dvc_lock": (Path(self.workdir) / "dvc.lock").read_text()}
+
+    def decision_file(self, restarts: int) -> Path:
+        return Path(self.workdir) / ".labpipe" / f"ranks-start-{restarts}.json"
+
+    def stale_upstream(self, env: dict[str, str]) -> list[str]:
+        """The stages upstream of this one that are not up to date."""
+        status = json.loads(self.dvc(env, "status", "--with-deps", "--json", self.stage, capture=True) or "{}")
+        return [name for name in status if name != self.stage]
+
+    def join_rank_0(self, env: dict[str, str], world: distributed.World, restarts: int) -> dict:
+        """Rank > 0: wait until rank 0 says whether the stage runs, then run its verb in the snapshot as this rank."""
+        decision = self.decision_file(restarts)
+        while not decision.exists():
+            time.sleep(1)
+        said = json.loads(decision.read_text())
+        if said.get("failed"):
+            raise RuntimeError(f"rank 0 failed before {self.stage} started (its log says why)")
+        if said["run"]:
+            command = [sys.executable, "-m", "labpipe", registry.stage(self.stage).verb]
+            done = subprocess.run(command, cwd=self.workdir, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"rank {world.rank}: {' '.join(command[2:])} failed with exit code "
+                                   f"{done.returncode} (log above)")
+        else:
+            print(f"{self.stage} is up to date: nothing for rank {world.rank} to do", flush=True)
+        return {"job": self.job_id, "task": self.task, "rank": world.rank}
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Called by submitit on preemption or timeout, before it requeues the job: run this task again."""
@@ -88,3 +138,9 @@ class StageJob(submitit.helpers.Checkpointable):
         if process.returncode != 0:
             raise RuntimeError(f"dvc {' '.join(args)} failed with exit code {process.returncode} (log above)")
         return out or ""
+
+
+def write_decision(path: Path, decision: dict) -> None:
+    """Atomically: a rank polling for the file reads it whole or not at all."""
+    path.parent.mkdir(exist_ok=True)
+    write_json(path, decision)

@@ -76,6 +76,11 @@ class Node:
         return sum(g.count for g in self.gres if g.name == "gpu")
 
 
+def fitting(nodes: list[Node], partition: str, gpus: int, tasks: int) -> list[Node]:
+    """The nodes of `partition` that have `gpus` GPUs and a CPU for each of `tasks` tasks (free or not)."""
+    return [node for node in nodes if partition in node.partitions and node.gpus >= gpus and node.cpus >= tasks]
+
+
 _COUNT = re.compile(r"^(\d+)([KMGT]?)$")
 _SUFFIX = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
