@@ -4,6 +4,7 @@
 import hashlib
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,28 @@ def test_nodes_from_scontrol_show_node():
 
     [vm] = slurm.parse_nodes(THIS_MACHINE_NODE)
     assert (vm.name, vm.partitions, vm.state, vm.cpus, vm.gres, vm.gpus) == ("vm", ("debug",), "IDLE", 2, (), 0)
+
+
+def test_accelerators_says_which_nodes_a_multi_node_request_would_get(capsys):
+    import argparse
+
+    nodes = slurm.parse_nodes(GPU_CLUSTER_NODES)
+
+    def request(**asked) -> tuple[int, str]:
+        capsys.readouterr()
+        code = accelerators.print_request(argparse.Namespace(**{"partition": "gpu", "tasks_per_node": None, **asked}),
+                                          nodes)
+        return code, capsys.readouterr().out
+
+    code, out = request(nodes=2, gpus_per_node=4)  # only gpu-a01 has 4 GPUs
+    assert code == 1 and "(8 ranks) in partition gpu: 1 node(s) fit (gpu-a01), 0 of them free now" in out
+    assert "refused" in out
+    code, out = request(nodes=1, gpus_per_node=2)  # gpu-a01 has 1 GPU free, gpu-b01 all 3
+    assert code == 0 and "2 node(s) fit (gpu-a01, gpu-b01), 1 of them free now" in out and "start now" in out
+    code, out = request(nodes=2, gpus_per_node=2)
+    assert code == 0 and "wait in the queue" in out
+    code, out = request(nodes=1, gpus_per_node=0, tasks_per_node=40, partition="cpu")  # drained: fits, not free
+    assert code == 0 and "1 node(s) fit (cpu-001), 0 of them free now" in out
 
 
 def test_squeue_rows_and_time_limits():
@@ -236,7 +259,8 @@ def test_bad_submissions_are_refused_before_anything_is_submitted(tiny_project, 
 def test_local_job_is_queued_modified_released_and_tracked(tiny_project, capsys):
     """A sweep of two queued DVC experiments: held, modified (removed and queued again with a new --set),
     released, run by DVC's worker; their MLflow runs are found by their experiment names."""
-    code, out, _ = labpipe_jobs(capsys, "submit", "mheight-data", "--sweep", "mheight.seed=1,2", "--hold")
+    code, out, _ = labpipe_jobs(capsys, "submit", "mheight-data", "--sweep", "mheight.seed=1,2", "--hold",
+                                "--jobs", "2")
     assert code == 0 and "2 task(s), to DVC's experiment queue (held" in out
     [record] = registry.load_all(tiny_project)
     assert record.executor == "local" and record.stage == "mheight_data"
@@ -261,8 +285,14 @@ def test_local_job_is_queued_modified_released_and_tracked(tiny_project, capsys)
     assert record.tasks[1].params["mheight"]["samples_per_group"] == 4
 
     assert labpipe_jobs(capsys, "release", record.id)[0] == 0
-    slurm_cluster.wait_for(lambda: jobs.task_states(registry.find(tiny_project, record.id)) == ["SUCCESS"] * 2,
-                           timeout=120, interval=2, what="both experiments to succeed")
+    slurm_cluster.wait_for(lambda: local.status(tiny_project).workers == 2, timeout=60, interval=0.2,
+                           what="--jobs 2: two DVC queue workers")
+    code, out, _ = labpipe_jobs(capsys, "follow", record.id, "--interval", "0.5")  # returns when both have ended
+    assert code == 0 and out.rstrip().endswith(f"job {record.id} ended: SUCCESS x2"), out[-2000:]
+    assert jobs.task_states(registry.find(tiny_project, record.id)) == ["SUCCESS"] * 2
+    for task in (0, 1):  # its log as it came (DVC's), and its MLflow run
+        assert re.search(rf"^task {task} \| Running stage 'mheight_data'", out, re.M), out[-3000:]
+        assert re.search(rf"^task {task}: mlflow run \w+ mheight_data FINISHED", out, re.M), out[-3000:]
 
     code, out, _ = labpipe_jobs(capsys, "show", record.id, "--lines", "3")
     assert code == 0 and out.count("mlflow run ") == 2 and "rows=28" in out  # 7 groups x 4 codes
@@ -391,6 +421,9 @@ def test_slurm_held_job_is_listed_modified_while_pending_and_cancelled(in_slurm_
     assert accelerators.main(["--cluster"]) == 0
     out = capsys.readouterr().out
     assert "1 node(s), 0 GPU(s)" in out and "debug" in out and out.rstrip().endswith("none")
+    assert accelerators.main(["--cluster", "--nodes", "2"]) == 1  # what a 2-node job would get here: one node
+    assert "a job of 2 node(s) x 0 GPU(s), 1 task(s) each (2 ranks) in partition debug: 1 node(s) fit" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.slurm

@@ -1,4 +1,5 @@
-"""labpipe accelerators [--cluster]: the GPUs here, and per node of the Slurm cluster.
+"""labpipe accelerators [--cluster [--nodes N --gpus-per-node G]]: the GPUs here, per node of the Slurm cluster,
+and which nodes a job of N nodes with G GPUs each (`labpipe jobs submit --nodes N --gpus-per-node G`) could get.
 
 Here: nvidia-smi when it is installed (every GPU the driver sees, with memory in use and utilization),
 else torch.cuda (the GPUs this process may use). On the cluster: `scontrol show node`, whose Gres field
@@ -78,7 +79,13 @@ def format_nodes(nodes: list[slurm.Node]) -> list[str]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="labpipe accelerators", description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", action="store_true", help="also the GPUs of every node of the Slurm cluster")
+    parser.add_argument("--nodes", type=int, help="with --cluster: which nodes a job of this many nodes could get")
+    parser.add_argument("--gpus-per-node", type=int, default=0)
+    parser.add_argument("--tasks-per-node", type=int, help="default: one per GPU (one rank each)")
+    parser.add_argument("--partition", help="default: the cluster's default partition")
     args = parser.parse_args(argv)
+    if args.nodes is not None and not args.cluster:
+        parser.error("--nodes needs --cluster")
 
     gpus, summary = local_gpus()
     print(f"here: {summary}")
@@ -97,4 +104,22 @@ def main(argv: list[str]) -> int:
     print(f"cluster ({name}): {len(nodes)} node(s), {total} GPU(s)")
     for line in format_nodes(nodes):
         print(f"  {line}")
+    return 0 if args.nodes is None else print_request(args, nodes)
+
+
+def print_request(args: argparse.Namespace, nodes: list[slurm.Node]) -> int:
+    """Which nodes a job of args.nodes nodes could run on; 1 when the partition has too few."""
+    partition = args.partition or slurm.partitions()[1]
+    tasks = args.tasks_per_node or max(args.gpus_per_node, 1)
+    fit = slurm.fitting(nodes, partition, args.gpus_per_node, tasks)
+    free = [n for n in fit if n.gpus - n.gpus_allocated >= args.gpus_per_node and n.cpus - n.cpus_allocated >= tasks
+            and not any(state in n.state for state in ("DOWN", "DRAIN", "FAIL"))]
+    ranks = args.nodes * tasks
+    print(f"a job of {args.nodes} node(s) x {args.gpus_per_node} GPU(s), {tasks} task(s) each ({ranks} ranks) in "
+          f"partition {partition}: {len(fit)} node(s) fit ({', '.join(n.name for n in fit) or 'none'}), "
+          f"{len(free)} of them free now")
+    if len(fit) < args.nodes:
+        print(f"  refused: labpipe jobs submit would not send it (the partition has {len(fit)} such node(s))")
+        return 1
+    print("  it would " + ("start now" if len(free) >= args.nodes else "wait in the queue for nodes to free up"))
     return 0

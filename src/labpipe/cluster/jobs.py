@@ -6,6 +6,7 @@
     labpipe jobs submit lm_train --executor slurm --nodes 2 --gpus-per-node 4   # 8 ranks, one per GPU
     labpipe jobs list
     labpipe jobs show <id>                      # state, last MLflow metrics, log tail (a prefix of the id will do)
+    labpipe jobs follow <id>                    # its log and MLflow metrics as they come, until it ends
     labpipe jobs modify <id> --time 2:00:00     # Slurm: pending jobs only (scontrol update)
     labpipe jobs modify <id> --set grok.lr=0.003  # local: queued tasks only (removed and queued again)
     labpipe jobs release <id>                   # start a job submitted with --hold
@@ -23,6 +24,7 @@ import argparse
 import collections
 import os
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -75,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                                   "limit the job checkpoints and is requeued (3 times at most)")
     p.add_argument("--hold", action="store_true", help="submit but do not start: `labpipe jobs release` starts it "
                                                         "(local: refused while a DVC queue worker runs)")
+    p.add_argument("--jobs", type=int, default=1, help="local: tasks run at once (DVC queue workers; default 1)")
     p.add_argument("--allow-dirty", action="store_true",
                    help="run the working tree as it is (its tracked changes), not only committed code")
     p.set_defaults(command=submit)
@@ -85,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("job")
     p.add_argument("--lines", type=int, default=10, help="log lines per task (default 10)")
     p.set_defaults(command=show)
+
+    p = verbs.add_parser("follow", help="stream a job's log and MLflow metrics until every task has ended")
+    p.add_argument("job")
+    p.add_argument("--interval", type=float, default=5, help="seconds between looks (default 5)")
+    p.set_defaults(command=follow)
 
     p = verbs.add_parser("modify", help="Slurm: --time/--partition of a pending job; local: --set of a queued one")
     p.add_argument("job")
@@ -125,7 +133,8 @@ def submit(args: argparse.Namespace, project: Path) -> int:
         code=code, data=capture.capture_data(project), tracking_uri=_tracking_uri(project),
         environment=environment.environment(),
         resources={"partition": args.partition, "gpus": args.gpus, "nodes": args.nodes,
-                   "tasks_per_node": args.tasks_per_node, "time": args.time, "hold": args.hold},
+                   "tasks_per_node": args.tasks_per_node, "time": args.time, "hold": args.hold,
+                   "jobs": args.jobs},
         tasks=[Task(i, overrides, params, name=f"{job_id}-{i}" if args.executor == "local" else "")
                for i, (overrides, params) in enumerate(tasks)],
     )
@@ -176,6 +185,8 @@ def _check_ranks(args: argparse.Namespace, stage: str) -> None:
 def _check_local(args: argparse.Namespace, project: Path) -> None:
     if args.partition or args.time:
         raise JobError("--partition and --time are Slurm's: add --executor slurm (the local queue runs here)")
+    if args.jobs < 1:
+        raise JobError(f"--jobs {args.jobs}: give at least 1")
     # DVC's queue has no hold: a job is held by queueing it without starting a worker, which only holds
     # while no worker runs.
     if args.hold and (workers := local.status(project).workers):
@@ -236,8 +247,9 @@ def _submit_local(record: JobRecord) -> None:
     project = Path(record.project)
     for task in record.tasks:
         local.queue(project, task.name, record.stage, task.overrides)
+    _create_store(record.tracking_uri)  # --jobs N workers would race to create it
     if not record.resources["hold"]:
-        local.start(project, record.tracking_uri)
+        local.start(project, record.tracking_uri, record.resources["jobs"])
 
 
 def _submit_slurm(record: JobRecord) -> None:
@@ -283,8 +295,8 @@ def _mlflow_client(uri: str):
 
 
 def _create_store(uri: str) -> None:
-    """A new SQLite store gets its tables on first use; array tasks starting together would race to create
-    them, so the submission creates them first."""
+    """A new SQLite store gets its tables on first use; tasks starting together (a Slurm array, local
+    workers) would race to create them, so the submission creates them first."""
     if uri.startswith("sqlite:///"):
         _mlflow_client(uri).search_experiments(max_results=1)
 
@@ -362,9 +374,12 @@ def show(args: argparse.Namespace, project: Path) -> int:
     code = record.code
     print(f"job {record.id}")
     print(f"  stage      {record.stage}")
-    print("  executor   " + (f"slurm, job {record.slurm_job_id}, partition {record.resources['partition']}, "
-                              f"time {record.resources['time']}, gpus {record.resources['gpus']}"
-                              if record.executor == "slurm" else "local (DVC's experiment queue)"))
+    asked = record.resources
+    print("  executor   " + (f"slurm, job {record.slurm_job_id}, partition {asked['partition']}, "
+                              f"time {asked['time']}, {asked.get('nodes', 1)} node(s) x "
+                              f"{asked.get('tasks_per_node', 1)} task(s), gpus {asked['gpus']} per node"
+                              if record.executor == "slurm" else
+                              f"local (DVC's experiment queue, {asked.get('jobs', 1)} at once)"))
     print(f"  submitted  {record.submitted}")
     print(f"  code       {code['commit']}" + (f" + uncommitted changes, run as {code['snapshot']}"
                                                 if code["dirty"] else ""))
@@ -431,7 +446,14 @@ def _other_environment(record: JobRecord, tags: Mapping[str, str]) -> str:
 
 
 def _log_tail(record: JobRecord, task: Task, lines: int) -> list[str]:
-    """The last lines of the task's log: submitit's stdout and stderr files, or `dvc queue logs`."""
+    """The last lines of the task's log."""
+    # tqdm redraws its bar with carriage returns: each redraw counts as a line, the last one is the latest.
+    text = _log_text(record, task)
+    return [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-lines:] if lines else []
+
+
+def _log_text(record: JobRecord, task: Task) -> str:
+    """The task's log so far: submitit's stdout and stderr files, or `dvc queue logs`."""
     if record.executor == "slurm":
         paths = _submitit_job(record, task).paths
         text = "".join(p.read_text(errors="replace") for p in (paths.stdout, paths.stderr) if p.exists())
@@ -440,8 +462,51 @@ def _log_tail(record: JobRecord, task: Task, lines: int) -> list[str]:
             text = local.logs(Path(record.project), task.name)
         except local.QueueError:  # not started yet
             text = ""
-    # tqdm redraws its bar with carriage returns: each redraw counts as a line, the last one is the latest.
-    return [line for line in text.replace("\r", "\n").splitlines() if line.strip()][-lines:] if lines else []
+    return text
+
+
+# ----------------------------------------------------------------------------- follow
+
+# task_states' words (Slurm's, DVC's queue's in capitals, and labpipe's own) for a task that will not run again
+ENDED = ("COMPLETED", "SUCCESS", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+         "ENDED WITHOUT RESULT", "NOT IN THE QUEUE")
+SUCCEEDED = ("COMPLETED", "SUCCESS")
+
+
+def follow(args: argparse.Namespace, project: Path) -> int:
+    """Print each task's new log lines (the newest redraw of a progress bar once) and its MLflow runs' metrics
+    when they change, every --interval seconds, until every task has ended: 0 when all succeeded, else 1.
+    Ctrl-C stops following, not the job."""
+    record = registry.find(project, args.job)
+    shown = {task.index: 0 for task in record.tasks}  # complete log lines printed
+    last: dict[tuple[int, str], str] = {}  # (task, kind) -> the line printed last: the progress, each run
+    try:
+        while True:
+            states = task_states(record)
+            for task in record.tasks:
+                complete, _, partial = _log_text(record, task).rpartition("\n")
+                lines = [line.rsplit("\r", 1)[-1] for line in complete.split("\n")] if complete else []
+                for line in lines[shown[task.index]:]:
+                    if line.strip():
+                        print(f"task {task.index} | {line}", flush=True)
+                shown[task.index] = len(lines)
+                _print_changed(last, task.index, "progress", partial.rsplit("\r", 1)[-1].strip())
+            for index, runs in _mlflow_runs(record).items():
+                for line in runs:
+                    _print_changed(last, index, line.split(",")[0], line)
+            if all(state.split(" (")[0] in ENDED for state in states):
+                print(f"job {record.id} ended: {_summary(states)}")
+                return 0 if all(state in SUCCEEDED for state in states) else 1
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        print(f"stopped following {record.id}; the job goes on (labpipe jobs show {record.id})")
+        return 130
+
+
+def _print_changed(last: dict[tuple[int, str], str], task: int, kind: str, line: str) -> None:
+    if line and last.get((task, kind)) != line:
+        print(f"task {task} | {line}" if kind == "progress" else f"task {task}: {line}", flush=True)
+        last[(task, kind)] = line
 
 
 # ----------------------------------------------------------------------------- modify, release, cancel
@@ -522,7 +587,7 @@ def release(args: argparse.Namespace, project: Path) -> int:
     if record.executor == "slurm":
         slurm.release(record.slurm_job_id)
     else:
-        local.start(project, record.tracking_uri)
+        local.start(project, record.tracking_uri, record.resources.get("jobs", 1))
     record.note("release")
     registry.save(record)
     print(f"{record.id}: released")

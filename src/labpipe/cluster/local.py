@@ -2,7 +2,7 @@
 
 A task is one queued experiment, `dvc exp run --queue --name <name> -S key=value <stage>`: DVC captures
 the working tree (the commit and, with --allow-dirty, its changes) when it queues it and runs it in a temp
-copy of the project. `dvc queue start` starts a worker that runs the queue one experiment at a time; the
+copy of the project. `dvc queue start --jobs N` starts N workers, each running one experiment at a time; the
 MLflow runs of an experiment carry the tag `dvc.exp_name` (see labpipe.tracking), by which jobs finds them.
 """
 
@@ -41,14 +41,15 @@ def queue(project: Path, name: str, stage: str, overrides: list[str]) -> None:
     dvc(project, "exp", "run", "--queue", "--name", name, *flags, stage)
 
 
-def start(project: Path, tracking_uri: str) -> None:
-    """Start a worker. Queued experiments run in temp copies: the store is named, so their runs land in it."""
+def start(project: Path, tracking_uri: str, workers: int = 1) -> None:
+    """Start `workers` workers, each running one queued experiment at a time. Queued experiments run in temp
+    copies: the store is named, so their runs land in it."""
     env = _env(MLFLOW_TRACKING_URI=tracking_uri)
     # The worker outlives this call and inherits its output streams: a file, not a pipe, which would keep
     # this call waiting for the worker to exit.
     with tempfile.TemporaryFile("w+") as errors:
-        done = subprocess.run([_DVC, "queue", "start"], cwd=project, env=env, stdout=subprocess.DEVNULL,
-                              stderr=errors)
+        done = subprocess.run([_DVC, "queue", "start", "--jobs", str(workers)], cwd=project, env=env,
+                              stdout=subprocess.DEVNULL, stderr=errors)
         if done.returncode != 0:
             errors.seek(0)
             raise QueueError(f"dvc queue start: {errors.read().strip()}")
