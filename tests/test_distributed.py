@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,33 @@ def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(tmp_pat
     assert refused.stderr.count(f"this run has done {STEPS} steps already") == 2  # each rank says it once
     assert re.search(r"rank [01] failed first \(exit code 2\)", refused.stderr)
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.slow
+def test_without_a_launcher_the_rank_whose_peer_died_stops_with_one_line(tmp_path, mlflow_store, repo_params):
+    """Ranks started as Slurm starts them, with no agent to stop the survivor: rank 1 is SIGKILLed mid-run;
+    rank 0's next collective fails and it exits 1 with one line, in seconds, not at the collective timeout."""
+    make_lm_project(tmp_path, repo_params, max_steps=5000, decay_steps=5000, checkpoint_every=100)
+    port = str(20000 + os.getpid() % 20000)
+    ranks = [subprocess.Popen([sys.executable, "-m", "labpipe", "lm-train"], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
+                                   "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}) for rank in (0, 1)]
+    checkpoints = tmp_path / "artifacts/lm/checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step_*")):  # training, past its first checkpoint
+        assert ranks[0].poll() is None and time.monotonic() < deadline, ranks[0].communicate()
+        time.sleep(0.1)
+    ranks[1].kill()
+    killed_at = time.monotonic()
+    _, err = ranks[0].communicate(timeout=120)
+    ranks[1].communicate()
+    assert ranks[0].returncode == 1, err[-2000:]
+    assert time.monotonic() - killed_at < 60
+    [line] = [line for line in err.splitlines() if line.startswith("labpipe lm-train: error:")]
+    assert line.startswith("labpipe lm-train: error: rank 0 of 2: a collective failed, another rank stopped"), err
+    assert "Traceback" not in err
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(registry.line_of("lm_train").experiment)
+    [run] = client.search_runs([experiment.experiment_id], "tags.`labpipe.stage` = 'lm_train'")
+    assert run.info.status == "FAILED"

@@ -123,6 +123,10 @@ def launch(argv: list[str], ranks: int, what: str) -> int:
     return 0
 
 
+# What gloo says when a peer's socket closes: DDP's backward raises it as a plain RuntimeError.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "gloo/transport")
+
+
 @contextlib.contextmanager
 def process_group(world: World, device: torch.device, timeout_s: float) -> Iterator[None]:
     """The process group of `world` for the duration of the block (nothing for a single rank); a failed
@@ -139,7 +143,9 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
                             **({"device_id": device} if device.type == "cuda" else {}))
     try:
         yield
-    except dist.DistError as error:
+    except RuntimeError as error:
+        if not isinstance(error, dist.DistError) and not any(sign in str(error) for sign in PEER_LOST):
+            raise  # a bug, not another rank's failure
         first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
         raise RankLost(f"rank {world.rank} of {world.size}: a collective failed, another rank stopped or stopped "
                        f"answering ({first}); rerun to resume from the newest checkpoint") from None
