@@ -16,7 +16,7 @@ NORMS  ?= 0.03 0.1 0.12 0.14 0.16 0.18 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast test-slurm test-docker train-grok sweep-grok train-moe train-hmm sweep-hmm sweep-crosscoder \
+.PHONY: setup run run-full test test-fast test-ranks test-slurm test-docker train-grok sweep-grok train-moe train-hmm sweep-hmm sweep-crosscoder \
 	sweep-crosscoder-plot ui lint doctor constraints clean
 
 setup: $(VENV)/.installed
@@ -40,10 +40,15 @@ run-full: setup data
 
 # One pytest worker per core (pytest-xdist): most of the suite's time is subprocesses importing torch and MLflow.
 test: setup
-	$(BIN)/python -m pytest -m "not slurm and not docker" -n auto --dist worksteal
+	$(BIN)/python -m pytest -m "not ranks and not slurm and not docker" -n auto --dist worksteal
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow and not slurm and not docker" -n auto --dist worksteal
+	$(BIN)/python -m pytest -m "not slow and not ranks and not slurm and not docker" -n auto --dist worksteal
+
+# lm_train as several processes, data-parallel (torchrun and labpipe's launcher, gloo): each run is 2 ranks, so
+# one run at a time.
+test-ranks: setup
+	$(BIN)/python -m pytest -m ranks
 
 # labpipe jobs on a real single-node Slurm cluster that the tests start on this machine (tests/slurm_cluster.py):
 # Debian's slurm-wlm and munge, installed when missing (root, apt).

@@ -2,7 +2,8 @@
 
 The ranks must train what one process trains on the same step batch (to float rounding), read disjoint
 shares of every batch, and leave one MLflow run and one set of checkpoints, written by rank 0. Killing one
-rank is tried by the run-lifecycle harness (test_lifecycle.py), a Slurm job of two tasks by test_slurm.py.
+rank is tried by the run-lifecycle harness (test_lifecycle.py), a Slurm job of two tasks by test_cluster.py.
+The runs of several ranks are marked `ranks` (make test-ranks).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(tmp_path, mlflow_store, repo_params):
     """Step batch 16 four ways: one process 1 x 16 and 2 x 8 (accumulated), two ranks of one pass of 8 each
     started by torchrun and by lm.devices=2. Same losses within 1e-5 relative, same weights to float rounding;
@@ -145,7 +146,7 @@ def test_two_ranks_train_what_one_process_trains_and_rank_0_alone_writes(tmp_pat
     assert "Traceback" not in refused.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.ranks
 def test_without_a_launcher_the_rank_whose_peer_died_stops_with_one_line(tmp_path, mlflow_store, repo_params):
     """Ranks started as Slurm starts them, with no agent to stop the survivor: rank 1 is SIGKILLed mid-run;
     rank 0's next collective fails and it exits 1 with one line, in seconds, not at the collective timeout."""

@@ -123,7 +123,7 @@ def rank_process(launcher: int, rank: int) -> int:
 
 # (stage, section overrides): every trainer killed whole; lm_train as 2 ranks, one of which is killed
 KILLS = [pytest.param(stage, {}, id=stage) for stage in TRAINERS] + [
-    pytest.param("lm_train", {"devices": 2, "batch_size": 8}, id="lm_train-rank-1-of-2")]
+    pytest.param("lm_train", {"devices": 2, "batch_size": 8}, id="lm_train-rank-1-of-2", marks=pytest.mark.ranks)]
 
 
 @pytest.mark.slow

@@ -46,19 +46,20 @@ class StageJob(submitit.helpers.Checkpointable):
         env = self.environment()
         restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         rank = f" rank {world.rank} of {world.size}" if world.size > 1 else ""
-        print(f"labpipe job {self.job_id} task {self.task}{rank}: dvc repro {self.stage} in {self.workdir}"
+        does = f"dvc repro {self.stage}" if world.main else f"{self.stage} with rank 0"
+        print(f"labpipe job {self.job_id} task {self.task}{rank}: {does} in {self.workdir}"
               + (f" (restart {restarts})" if restarts else ""), flush=True)
         if not world.main:
             return self.join_rank_0(env, world, restarts)
         decision = self.decision_file(restarts)
         try:
             self.dvc(env, "checkout", "--with-deps", "--allow-missing", self.stage)
-            self.check_data(env)
+            stale = self.check_data(env)
             if world.size > 1:  # the upstream stages first: then the others know whether this one runs
-                if stale := self.stale_upstream(env):
+                if stale:
                     self.dvc(env, "repro", *stale)
-                stale = self.stage in json.loads(self.dvc(env, "status", "--json", self.stage, capture=True) or "{}")
-                write_decision(decision, {"run": stale})
+                status = json.loads(self.dvc(env, "status", "--json", self.stage, capture=True) or "{}")
+                write_decision(decision, {"run": self.stage in status})
             self.dvc(env, "repro", self.stage)
         finally:
             if world.size > 1 and not decision.exists():
@@ -69,11 +70,6 @@ class StageJob(submitit.helpers.Checkpointable):
     def decision_file(self, restarts: int) -> Path:
         return Path(self.workdir) / ".labpipe" / f"ranks-start-{restarts}.json"
 
-    def stale_upstream(self, env: dict[str, str]) -> list[str]:
-        """The stages upstream of this one that are not up to date."""
-        status = json.loads(self.dvc(env, "status", "--with-deps", "--json", self.stage, capture=True) or "{}")
-        return [name for name in status if name != self.stage]
-
     def join_rank_0(self, env: dict[str, str], world: distributed.World, restarts: int) -> dict:
         """Rank > 0: wait until rank 0 says whether the stage runs, then run its verb in the snapshot as this rank."""
         decision = self.decision_file(restarts)
@@ -83,11 +79,7 @@ class StageJob(submitit.helpers.Checkpointable):
         if said.get("failed"):
             raise RuntimeError(f"rank 0 failed before {self.stage} started (its log says why)")
         if said["run"]:
-            command = [sys.executable, "-m", "labpipe", registry.stage(self.stage).verb]
-            done = subprocess.run(command, cwd=self.workdir, env=env)
-            if done.returncode != 0:
-                raise RuntimeError(f"rank {world.rank}: {' '.join(command[2:])} failed with exit code "
-                                   f"{done.returncode} (log above)")
+            self.run_in_snapshot(env, [sys.executable, "-m", "labpipe", registry.stage(self.stage).verb])
         else:
             print(f"{self.stage} is up to date: nothing for rank {world.rank} to do", flush=True)
         return {"job": self.job_id, "task": self.task, "rank": world.rank}
@@ -109,10 +101,10 @@ class StageJob(submitit.helpers.Checkpointable):
         env["MLFLOW_RUN_CONTEXT"] = json.dumps({"labpipe.job_id": self.job_id, "labpipe.task": str(self.task)})
         return env
 
-    def check_data(self, env: dict[str, str]) -> None:
+    def check_data(self, env: dict[str, str]) -> list[str]:
         """Every input of the stage at the hash the submitted dvc.lock pins? `dvc checkout` has just restored
         them from the cache; `dvc status` names the upstream stages that still differ (their outputs were
-        not in the cache), which `dvc repro` then reproduces from the same code and params."""
+        not in the cache), which `dvc repro` then reproduces from the same code and params. Returns them."""
         status = json.loads(self.dvc(env, "status", "--with-deps", "--json", self.stage, capture=True) or "{}")
         differ = sorted(name for name in status if name != self.stage)
         if differ:
@@ -121,10 +113,13 @@ class StageJob(submitit.helpers.Checkpointable):
         else:
             print(f"data: every input of {self.stage} matches the submitted dvc.lock "
                   f"(sha256 {self.dvc_lock_sha256[:12]})", flush=True)
+        return differ
 
     def dvc(self, env: dict[str, str], *args: str, capture: bool = False) -> str:
-        """Run dvc in the snapshot; its output goes to the task's log (submitit's stdout file)."""
-        command = [str(Path(sys.executable).parent / "dvc"), *args]
+        return self.run_in_snapshot(env, [str(Path(sys.executable).parent / "dvc"), *args], capture)
+
+    def run_in_snapshot(self, env: dict[str, str], command: list[str], capture: bool = False) -> str:
+        """Run `command` in the snapshot; its output goes to the task's log (submitit's stdout file)."""
         # Its own process group: when submitit stops this task (preemption), the whole stage goes with it,
         # not only dvc, so that no orphaned trainer keeps writing into the snapshot.
         process = subprocess.Popen(command, cwd=self.workdir, env=env, start_new_session=True,
@@ -136,7 +131,8 @@ class StageJob(submitit.helpers.Checkpointable):
                 os.killpg(process.pid, signal.SIGTERM)
                 process.wait()
         if process.returncode != 0:
-            raise RuntimeError(f"dvc {' '.join(args)} failed with exit code {process.returncode} (log above)")
+            shown = " ".join([Path(command[0]).name, *command[1:]])
+            raise RuntimeError(f"{shown} failed with exit code {process.returncode} (log above)")
         return out or ""
 
 
