@@ -385,10 +385,12 @@ def test_slurm_held_job_is_listed_modified_while_pending_and_cancelled(in_slurm_
     assert code == 2 and "partition 'gpu' is not one Slurm knows: debug" in err
     code, _, err = labpipe_jobs(capsys, "submit", "grok_train", "--executor", "slurm", "--gpus", "1")
     assert code == 2 and "no node of partition 'debug' has that many GPUs (the most is 0" in err
-    code, _, err = labpipe_jobs(capsys, "submit", "lm_train", "--executor", "slurm", "--nodes", "2")
+    shared = ("--set", "synth.out_dir=/shared/shards")  # where a job can read the shards
+    code, _, err = labpipe_jobs(capsys, "submit", "lm_train", "--executor", "slurm", "--nodes", "2", *shared)
     assert code == 2 and "--nodes 2 with 1 task(s) and 0 GPU(s) each: partition 'debug' has 1 such node(s)" in err
     many = str((os.cpu_count() or 1) + 1)
-    code, _, err = labpipe_jobs(capsys, "submit", "lm_train", "--executor", "slurm", "--tasks-per-node", many)
+    code, _, err = labpipe_jobs(capsys, "submit", "lm_train", "--executor", "slurm", "--tasks-per-node", many,
+                                *shared)
     assert code == 2 and f"--nodes 1 with {many} task(s)" in err and "has 0 such node(s)" in err
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True, env=cluster).stdout == ""
 
