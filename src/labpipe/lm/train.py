@@ -221,10 +221,14 @@ def run_train(params: Params) -> None:
     manifest, train, val = open_data(lm)  # every rank checks: each stops with the same line
     eval_rows = validation_rows(lm, val)
     step_batch = lm.batch_size * lm.grad_accum_steps  # the rows of one optimizer step, over all ranks
+
+    def verify_read_shards() -> None:
+        """The sha256 of the val shards validation reads and of the train shards the run may read."""
+        verify_shards(val, shards_of_rows(val, eval_rows))
+        verify_shards(train, shards_read(train, step_batch, lm.seed, lm.max_steps))
+
     with distributed.process_group(world, device, lm.collective_timeout_s):
-        distributed.from_main(world, lambda: (verify_shards(val, shards_of_rows(val, eval_rows)),
-                                              verify_shards(train, shards_read(train, step_batch, lm.seed,
-                                                                               lm.max_steps))))
+        distributed.from_main(world, verify_read_shards)  # rank 0 reads the bytes; a mismatch stops every rank
         train_model(params, world, device, manifest, train, val, eval_rows, step_batch)
 
 
