@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from labpipe.config import load_params  # noqa: E402
 from labpipe.device import resolve_device  # noqa: E402
 from labpipe.grok.models import build_model, log2_loss  # noqa: E402
-from labpipe.grok.train import Split, place, train_epoch  # noqa: E402
+from labpipe.grok.features import Split, place  # noqa: E402
+from labpipe.grok.train import train_epoch  # noqa: E402
 
 
 def dataloader_epoch(model, optimizer, split: Split, batch: int, n_groups: int, device) -> None:
@@ -64,7 +65,7 @@ def main() -> None:
     x = torch.rand(args.rows, d_in, generator=generator)
     group = torch.randint(0, n_groups, (args.rows,), generator=generator)
     x[:, 36:] = torch.nn.functional.one_hot(group, n_groups).float()
-    split = Split(x, group, torch.rand(args.rows, generator=generator) * 20, excluded_infinite=0)
+    split = Split(x, group, torch.rand(args.rows, generator=generator) * 20, torch.zeros(args.rows), excluded_infinite=0)
 
     torch.manual_seed(0)
     model = build_model(g, d_in, n_groups).to(device)

@@ -14,7 +14,8 @@ from conftest import write_params
 from labpipe.checkpoint import Checkpoints
 from labpipe.config import load_params
 from labpipe.grok.models import ResNetMLP, SparseMoE, log2_loss, log2_prediction
-from labpipe.grok.train import SpikeDetector, encode, evaluate, make_layout, weight_norms
+from labpipe.grok.features import encode, make_layout
+from labpipe.grok.train import SpikeDetector, evaluate, weight_norms
 from labpipe.mheight.data import TRAIN, VAL, write_dataset
 
 OUT_DIR = Path("artifacts/grok")

@@ -71,8 +71,13 @@ class MHeightParams:
     import_dir: str
     workers: Count  # processes for exact heights (on the CPU; a GPU computes in the main process)
     device: str  # auto | cpu | cuda
-    train_per_group: Count  # balanced subsample sizes
+    train_per_group: Count  # balanced subsamples, drawn within the course's split where the data has one
     val_per_group: Count
+    test_per_group: Natural  # 0 = no test split
+    violation_samples: Natural  # per code, the largest h_m(xG) over this many seeded random x: a lower bound on
+    #                             h_m(G) (column `bound`); 0 = no bound (bound = 1)
+    verify_imported: Natural  # imported records whose height is recomputed exactly: all when fewer, else a
+    #                           seeded sample; 0 = off
 
     def __post_init__(self):
         if any(k >= n for n in self.n for k in self.k):
@@ -87,7 +92,11 @@ class GrokParams:
     blocks: Count  # residual blocks per ResNet (per expert for the MoE)
     experts: Count
     top_k: Count
+    gate_input: Literal["nk", "nkm"]  # moe: the gate sees the (n, k) pair (the seed's) or the (n, k, m) group
+    gating: Literal["soft", "hard"]  # moe: soft top-k over learnt gate logits, or hard: each gate input to one expert
     balance_coef: NonNegative  # weight of the MoE load-balancing loss
+    output_head: Literal["log2", "seed"]  # log2 h_hat = softplus(z) (labpipe), or the seed's h_hat = 1 + softplus(z)
+    violation_coef: NonNegative  # weight of relu(log2 bound - log2 h_hat)^2 (mheight.violation_samples); 0 = off
     lr: Positive
     weight_decay: NonNegative
     batch_size: Count
@@ -96,7 +105,10 @@ class GrokParams:
     checkpoint_every: Count
     keep_checkpoints: Natural
     spike_factor: Annotated[float, Bound(1, low_open=True)]  # a train-loss spike (Slingshot): loss > spike_factor *
-    spike_window: Count  # the min of the last spike_window epochs
+    spike_window: Count  # the min of the last spike_window epochs; also the window after a spike that is reported
+    grokking_window: Annotated[int, Bound(2)]  # validations: the plateau before the grokking drop, and the drop itself
+    grokking_drop: Annotated[float, Bound(0, 1, low_open=True, high_open=True)]  # the least relative fall of the drop
+    stop_after_plateau: Natural  # stop when val has not improved for this many validations after grokking; 0 = off
     init_from: str  # "" | a checkpoint or model.pt | models:/mheight-regressor@champion: fine-tune from those weights
     init_experts_from: tuple[str, ...]  # moe: one ResNet (file or models:/ URI) per expert, [] = random experts
     device: str

@@ -84,7 +84,9 @@ LINES = (
              Stage("grok_train", "grok-train", "labpipe.grok.train:run_train",
                    "train the m-height regressor with AdamW (stage grok_train)", ("grok",),
                    Training("grok", "artifacts/grok", "epoch", "epochs",
-                            Champion("mheight-regressor", "val_loss", lower_is_better=True))),
+                            Champion("mheight-regressor", "val_loss", lower_is_better=True),
+                            # when to stop and what is detected: the epochs run, not what each epoch does
+                            also_not_trajectory=("grokking_window", "grokking_drop", "stop_after_plateau"))),
          )),
     Line("icl", "in-context-language-learning",
          {"text": "labpipe.config:TextParams", "hmm": "labpipe.config:HMMParams",

@@ -23,74 +23,10 @@ from labpipe.config import GrokParams, Params, flatten
 from labpipe.device import resolve_device
 from labpipe.errors import InputError
 from labpipe.files import save_torch, write_json
+from labpipe.grok.features import FeatureLayout, Split, encode, make_layout, place
 from labpipe.grok.models import build_model, log2_loss
 from labpipe.mheight.data import TRAIN, VAL, read_dataset
 from labpipe.run import TrainingRun, TrainState, load_into
-
-# ----------------------------------------------------------------------------- features
-
-
-@dataclasses.dataclass(frozen=True)
-class FeatureLayout:
-    """How a code becomes a vector: P zero-padded to max_k x max_r and scaled, then a one-hot group."""
-
-    groups: tuple[tuple[int, int, int], ...]
-    max_k: int
-    max_r: int
-    p_scale: float
-
-    @property
-    def dim(self) -> int:
-        return self.max_k * self.max_r + len(self.groups)
-
-
-@dataclasses.dataclass
-class Split:
-    x: torch.Tensor  # (N, dim) float32; the last len(groups) columns are the group one-hot
-    group: torch.Tensor  # (N,) long
-    log2_h: torch.Tensor  # (N,) float32
-    excluded_infinite: int  # rows with h = inf (m >= minimum distance) left out
-
-
-def make_layout(frame: pd.DataFrame) -> FeatureLayout:
-    groups = tuple(sorted({(int(n), int(k), int(m)) for n, k, m in zip(frame.n, frame.k, frame.m, strict=True)}))
-    p_scale = max(float(np.abs(np.concatenate(frame.P.to_numpy())).max()), 1e-12)
-    return FeatureLayout(groups, max(k for _, k, _ in groups), max(n - k for n, k, _ in groups), p_scale)
-
-
-def encode(frame: pd.DataFrame, layout: FeatureLayout) -> Split:
-    finite = frame[np.isfinite(frame.height)]
-    index_of = {g: i for i, g in enumerate(layout.groups)}
-    x = np.zeros((len(finite), layout.dim), dtype=np.float32)
-    group = np.empty(len(finite), dtype=np.int64)
-    for row, (n, k, m, P) in enumerate(zip(finite.n, finite.k, finite.m, finite.P, strict=True)):
-        key = (int(n), int(k), int(m))
-        if key not in index_of:
-            raise InputError(f"group n={n} k={k} m={m} does not occur in the training data")
-        padded = np.zeros((layout.max_k, layout.max_r), dtype=np.float32)
-        padded[:k, : n - k] = np.asarray(P).reshape(k, n - k) / layout.p_scale
-        x[row, : layout.max_k * layout.max_r] = padded.reshape(-1)
-        group[row] = index_of[key]
-    x[np.arange(len(finite)), layout.max_k * layout.max_r + group] = 1.0
-    return Split(
-        torch.from_numpy(x),
-        torch.from_numpy(group),
-        torch.from_numpy(np.log2(finite.height.to_numpy()).astype(np.float32)),
-        excluded_infinite=len(frame) - len(finite),
-    )
-
-
-def place(split: Split, device: torch.device) -> Split:
-    """Keep the whole split on the accelerator when it fits (the full-batch path: no DataLoader and no
-    host-to-device copy per step); otherwise it stays in host memory and batches are copied as used."""
-    if device.type == "cuda":
-        needed = sum(t.numel() * t.element_size() for t in (split.x, split.group, split.log2_h))
-        free, _total = torch.cuda.mem_get_info(device)
-        if needed > free // 2:
-            return dataclasses.replace(split, x=split.x.pin_memory())
-    return dataclasses.replace(split, x=split.x.to(device), group=split.group.to(device),
-                               log2_h=split.log2_h.to(device))
-
 
 # ----------------------------------------------------------------------------- diagnostics
 
