@@ -16,7 +16,7 @@ NORMS  ?= 0.03 0.1 0.12 0.14 0.16 0.18 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast test-ranks test-slurm test-docker train-grok sweep-grok train-moe train-hmm sweep-hmm sweep-crosscoder \
+.PHONY: setup run run-full test test-fast test-ranks test-slurm test-docker train-grok sweep-grok train-best train-hmm sweep-hmm sweep-crosscoder \
 	sweep-crosscoder-plot ui lint doctor constraints clean
 
 setup: $(VENV)/.installed
@@ -72,15 +72,18 @@ sweep-grok: setup data
 	dvc queue start --jobs 1
 	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
 
-# The seed's best model: 6 ResNet experts (64 x 5) pretrained alone, then a top-2 MoE fine-tuned from them
-# (params.moe.yaml). Each expert run moves the previous one's checkpoints aside (labpipe checkpoints --prune).
-train-moe: setup data
+# The seed's best model (params.best.yaml): 6 ResNet experts (64 x 5) pretrained alone, each a tracked run,
+# then a top-2 MoE gated on (n, k) fine-tuned from them as a DVC experiment. Each expert run moves the previous
+# one's checkpoints aside (labpipe checkpoints --prune); EPOCHS sets every step's length.
+EPOCHS ?= 60
+train-best: setup data
 	dvc repro mheight_subsample
-	mkdir -p artifacts/grok/experts
+	mkdir -p artifacts/grok-experts
 	for seed in 0 1 2 3 4 5; do \
 		labpipe grok-train --set grok.model=resnet --set grok.width=64 --set grok.blocks=5 --set grok.seed=$$seed \
-		&& cp artifacts/grok/model.pt artifacts/grok/experts/expert_$$seed.pt || exit 1; done
-	dvc exp run $$(labpipe profile params.moe.yaml)
+			--set grok.epochs=$(EPOCHS) \
+		&& cp artifacts/grok/model.pt artifacts/grok-experts/expert_$$seed.pt || exit 1; done
+	dvc exp run $$(labpipe profile params.best.yaml) -S grok.epochs=$(EPOCHS)
 
 train-hmm: setup data
 	dvc exp run -S hmm.hidden_states=$(H) -S hmm.vocab_size=$(K)

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -13,46 +14,12 @@ from mlflow import MlflowClient
 from conftest import write_params
 from labpipe.checkpoint import Checkpoints
 from labpipe.config import load_params
-from labpipe.grok.models import ResNetMLP, SparseMoE, log2_loss, log2_prediction
 from labpipe.grok.features import encode, make_layout
-from labpipe.grok.train import SpikeDetector, evaluate, weight_norms
-from labpipe.mheight.data import TRAIN, VAL, write_dataset
+from labpipe.grok.models import ResNetMLP, build_model
+from labpipe.grok.train import evaluate, weight_norms
+from labpipe.mheight.data import TEST, TRAIN, VAL, write_dataset
 
 OUT_DIR = Path("artifacts/grok")
-
-
-def test_prediction_is_bounded_below_by_one_and_loss_is_squared_log2_error():
-    z = torch.tensor([-30.0, -1.0, 0.0, 2.5, 40.0], dtype=torch.float64)
-    h_hat = 2.0 ** np.log1p(np.exp(z.numpy()))  # textbook softplus in the log2 domain
-    assert np.allclose(log2_prediction(z).numpy(), np.log2(h_hat), rtol=1e-12)
-    assert (h_hat >= 1).all() and (log2_prediction(z) >= 0).all()
-    target = torch.tensor([0.0, 1.0, 3.0, 5.0, 2.0], dtype=torch.float64)
-    assert np.allclose(log2_loss(z, target).numpy(), (target.numpy() - np.log2(h_hat)) ** 2, rtol=1e-12)
-
-
-def test_moe_routes_to_top_k_experts_and_balances_like_switch():
-    torch.manual_seed(0)
-    moe = SparseMoE(d_in=5, n_groups=3, width=8, blocks=1, experts=4, top_k=2).double()
-    x = torch.randn(6, 5, dtype=torch.float64)
-    onehot = torch.eye(3, dtype=torch.float64)[[0, 1, 2, 0, 1, 2]]
-    z, aux = moe(x, onehot)
-    # By hand: logits of the gate, the two best experts per row, softmax over their two logits.
-    logits = (onehot @ moe.gate.weight.T + moe.gate.bias).detach().numpy()
-    scores = np.stack([e.score(x).detach().numpy() for e in moe.experts], axis=1)
-    expected, routed = [], np.zeros(4)
-    for row in range(6):
-        best = np.argsort(-logits[row])[:2]
-        w = np.exp(logits[row, best] - logits[row, best].max())
-        w /= w.sum()
-        expected.append((w * scores[row, best]).sum())
-        routed[best] += 1
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    balance = 4 * ((routed / (6 * 2)) * probs.mean(0)).sum()
-    assert np.allclose(z.detach().numpy(), expected, rtol=1e-10)
-    assert aux.item() == pytest.approx(balance, rel=1e-10)
-    with pytest.raises(ValueError, match="top_k=5 must be between 1 and experts=4"):
-        SparseMoE(5, 3, 8, 1, experts=4, top_k=5)
 
 
 def test_weight_norms_per_layer_and_total():
@@ -65,22 +32,16 @@ def test_weight_norms_per_layer_and_total():
     assert "weight_norm/inp.bias" not in norms  # per layer = weight matrices
 
 
-def test_spike_detector_flags_the_start_of_each_spike_only():
-    detector = SpikeDetector(factor=2.0, window=3)
-    losses = [8.0, 4.0, 2.0, 1.0, 1.1, 2.5, 3.0, 1.0, 0.9, 0.8, 0.7, 1.5, 0.5]
-    started = [epoch for epoch, loss in enumerate(losses, start=1) if detector.update(loss)]
-    # epoch 6: 2.5 > 2 x min(2, 1, 1.1); epoch 7 continues that spike; epoch 12: 1.5 > 2 x 0.7
-    assert started == [6, 12]
-
-
-def _codes(rng, groups, per_group, with_infinite=0):
-    """Rows with a learnable synthetic target (the regressor, not the heights, is under test here)."""
+def _codes(rng, groups, per_group, with_infinite=0, split=""):
+    """Rows with a learnable synthetic target and a lower bound below it (the regressor, not the heights, is
+    under test here)."""
     rows = []
     for n, k, m in groups:
         for i in range(per_group):
             P = rng.integers(-100, 101, size=k * (n - k)).astype(float)
             height = math.inf if i < with_infinite else 2.0 ** (1 + m + np.abs(P).mean() / 25)
-            rows.append({"n": n, "k": k, "m": m, "P": P, "height": height})
+            bound = max(1.0, min(height, 2.0 ** (1 + m + np.abs(P).mean() / 25)) / 2 ** rng.uniform(0, 3))
+            rows.append({"n": n, "k": k, "m": m, "P": P, "height": height, "split": split, "bound": bound})
     return pd.DataFrame(rows)
 
 
@@ -104,12 +65,18 @@ def test_per_group_validation_loss_matches_pandas():
     frame = _codes(np.random.default_rng(1), [(9, 4, 2), (9, 5, 3), (10, 4, 6)], per_group=7)
     layout = make_layout(frame)
     split = encode(frame, layout)
-    model = ResNetMLP(layout.dim, 8, 1)
-    mean, per_group = evaluate(model, split, len(layout.groups), torch.device("cpu"), batch=5)
+    model = build_model(load_params(Path(__file__).parents[1] / "params.yaml").grok, layout)
+    result = evaluate(model, split, len(layout.groups), torch.device("cpu"), batch=5)
     with torch.no_grad():
-        losses = log2_loss(model(split.x, None)[0], split.log2_h).numpy()
-    by_hand = pd.Series(losses).groupby(split.group.numpy()).mean()
-    assert np.allclose(per_group, by_hand.to_numpy(), rtol=1e-6) and mean == pytest.approx(losses.mean(), rel=1e-6)
+        z = model(split.x)[0]
+    log2_hat = np.logaddexp(0, z.double().numpy())  # labpipe's head: log2 h_hat = softplus(z)
+    losses = (split.log2_h.numpy() - log2_hat) ** 2
+    by_hand = pd.DataFrame({"loss": losses, "group": split.group.numpy(),
+                            "below": log2_hat < np.log2(frame.bound.to_numpy())})
+    assert np.allclose(result.per_group, by_hand.groupby("group").loss.mean(), rtol=1e-5)
+    assert result.loss == pytest.approx(losses.mean(), rel=1e-5)
+    assert np.allclose(result.below_bound_per_group, by_hand.groupby("group").below.mean())
+    assert result.below_bound == pytest.approx(by_hand.below.mean())
 
 
 def make_grok_project(directory: Path, repo_params: dict, **grok) -> None:
@@ -117,13 +84,15 @@ def make_grok_project(directory: Path, repo_params: dict, **grok) -> None:
     repo_params = copy.deepcopy(repo_params)
     rng = np.random.default_rng(0)
     groups = [(9, 4, 2), (9, 5, 3), (10, 5, 4)]
-    train = _codes(rng, groups, per_group=40, with_infinite=2)
-    val = _codes(rng, groups, per_group=20)
+    train = _codes(rng, groups, per_group=40, with_infinite=2, split="train")
+    val = _codes(rng, groups, per_group=20, split="val")
+    test = _codes(rng, groups, per_group=20, split="test")
     cwd = os.getcwd()
     os.chdir(directory)
     try:
         write_dataset(train, TRAIN)
         write_dataset(val, VAL)
+        write_dataset(test, TEST)
     finally:
         os.chdir(cwd)
     repo_params["grok"].update({"width": 16, "blocks": 1, "batch_size": 32, "epochs": 12, "val_every": 3,
@@ -161,6 +130,83 @@ def test_training_run_writes_outputs_logs_metrics_and_registers_a_champion(proje
     assert float(champion.tags["metric.val_loss"]) == pytest.approx(metrics["best_val_loss"])
     saved = torch.load(OUT_DIR / "model.pt", weights_only=False)
     assert saved["epoch"] == metrics["best_epoch"]
+    layers = [c for c in train_history.columns if c.startswith("weight_norm/")]
+    assert "weight_norm/blocks.0.fc1.weight" in layers or "weight_norm/experts.0.blocks.0.fc1.weight" in layers
+
+    # The best weights, evaluated here by hand: val and test log2-MSE overall and per group, below-bound shares.
+    best = build_model(load_params("params.yaml").grok, make_layout(pd.read_parquet(TRAIN)))
+    best.load_state_dict(saved["model"])
+    for name, path in (("val", VAL), ("test", TEST)):
+        frame = pd.read_parquet(path)
+        frame = frame[np.isfinite(frame.height)]
+        with torch.no_grad():
+            z = best(encode(frame, best.layout).x)[0].double().numpy()
+        # labpipe's head: log2 h_hat = softplus(z) = log(1 + e^z)
+        groups = zip(frame.n, frame.k, frame.m, strict=True)
+        by_hand = pd.DataFrame({"group": [f"n{n}_k{k}_m{m}" for n, k, m in groups],
+                                "loss": (np.log2(frame.height.to_numpy()) - np.logaddexp(0, z)) ** 2,
+                                "below": np.logaddexp(0, z) < np.log2(frame.bound.to_numpy())})
+        overall = metrics["best_val_loss"] if name == "val" else metrics["test_loss"]
+        per_group = metrics["best_val_loss_per_group"] if name == "val" else metrics["test_loss_per_group"]
+        assert overall == pytest.approx(by_hand.loss.mean(), rel=1e-5)
+        assert per_group == pytest.approx(by_hand.groupby("group").loss.mean().to_dict(), rel=1e-5)
+    assert metrics["test_below_bound"] == pytest.approx(by_hand.below.mean())
+    assert run.data.metrics["test_loss"] == pytest.approx(metrics["test_loss"])
+    assert run.data.tags["stop_reason"] == metrics["stop_reason"] == "grok.epochs" and metrics["epochs_run"] == 12
+    assert run.data.tags["grokking_epoch"] == "none" and metrics["grokking"] is None  # 4 validations: too few
+
+
+def test_an_epoch_minimises_the_log2_error_plus_the_violation_penalty():
+    """One batch, one AdamW step of train_epoch against the same step on the loss written out here."""
+    from labpipe.grok.train import train_epoch
+
+    frame = _codes(np.random.default_rng(2), [(9, 4, 2), (10, 5, 3)], per_group=8, split="train")
+    layout = make_layout(frame)
+    split = encode(frame, layout)
+    g = dataclasses.replace(load_params(Path(__file__).parents[1] / "params.yaml").grok,
+                            violation_coef=3.0, batch_size=64, width=8, blocks=1)
+    torch.manual_seed(0)
+    model = build_model(g, layout)
+    copy_ = build_model(g, layout)
+    copy_.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
+    loss, violation, _ = train_epoch(model, optimizer, split, g, torch.Generator().manual_seed(0),
+                                     torch.device("cpu"))
+
+    log2_hat = torch.nn.functional.softplus(copy_(split.x)[0])
+    mse = ((split.log2_h - log2_hat) ** 2).mean()
+    penalty = (torch.clamp(split.log2_bound - log2_hat, min=0) ** 2).mean()
+    reference = torch.optim.AdamW(copy_.parameters(), lr=g.lr, weight_decay=g.weight_decay)
+    (mse + 3.0 * penalty).backward()
+    reference.step()
+    assert loss == pytest.approx(mse.item(), rel=1e-6) and violation == pytest.approx(penalty.item(), rel=1e-6)
+    assert penalty.item() > 0  # the synthetic bounds are not all below the initial predictions
+    for (name, p), q in zip(model.named_parameters(), copy_.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-7), name
+
+
+def test_a_run_that_met_its_stop_rule_stops_there_and_stays_stopped(project, monkeypatch):
+    """The lifecycle of grok.stop_after_plateau (the rule itself: test_grok_diagnostics.py): the run stops
+    after the validation that met it, with a checkpoint there; rerun or extended, it stays stopped; with the
+    rule off, the same run goes on to its length."""
+    from labpipe.grok import diagnostics
+    from labpipe.grok.train import run_train
+
+    directory, repo_params = project
+    make_grok_project(directory, repo_params, stop_after_plateau=2)
+    monkeypatch.setattr(diagnostics, "plateau_stop",
+                        lambda history, *rule: "rule met" if history and history[-1]["epoch"] >= 6 else None)
+    run_train(load_params("params.yaml"))
+    metrics = json.loads((OUT_DIR / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 6 and metrics["stop_reason"] == "rule met"
+    assert pd.read_csv(OUT_DIR / "train_history.csv").epoch.tolist() == list(range(1, 7))
+    assert Checkpoints(OUT_DIR / "checkpoints", "epoch").all()[-1].name == "epoch_00000006.pt"
+
+    run_train(load_params("params.yaml", ["grok.epochs=20"]))
+    assert json.loads((OUT_DIR / "metrics.json").read_text())["epochs_run"] == 6
+    run_train(load_params("params.yaml", ["grok.stop_after_plateau=0"]))  # not part of the trajectory: resumes
+    metrics = json.loads((OUT_DIR / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 12 and metrics["stop_reason"] == "grok.epochs"
 
 
 @pytest.mark.gpu
@@ -180,14 +226,13 @@ def test_the_device_resident_gpu_path_matches_the_cpu_path(project):
 def _entered_weights(overrides: list[str]) -> tuple[torch.nn.Module, str]:
     """The model as a new grok_train run starts it (the driver loads init_from / init_experts_from), and the
     MLflow run id; no epoch is trained."""
-    from labpipe.grok.models import build_model
     from labpipe.grok.train import init_weights
     from labpipe.run import TrainingRun
 
     params = load_params("params.yaml", overrides)
     layout = make_layout(pd.read_parquet(TRAIN))
-    model = build_model(params.grok, layout.dim, len(layout.groups))
-    with TrainingRun("grok_train", params, [TRAIN, VAL], {"model": model},
+    model = build_model(params.grok, layout)
+    with TrainingRun("grok_train", params, [TRAIN, VAL, TEST], {"model": model},
                      init=lambda loaded: init_weights(model, params.grok, loaded)) as run:
         return model, run.state.run_id
 

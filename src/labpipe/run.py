@@ -173,6 +173,7 @@ class TrainingRun(contextlib.AbstractContextManager):
         self.main = world.main  # rank 0: the one that writes
         self._init = init or (lambda loaded: load_into(parts["model"], loaded[0], self._init_sources()[0][0]))
         self.published: list[Path] = []  # what outputs() put in place
+        self.stop_reason: str | None = None  # stop(): why the run ended before its length
         self._exit = contextlib.ExitStack()
         self._tracker = None
 
@@ -293,13 +294,22 @@ class TrainingRun(contextlib.AbstractContextManager):
         self.bar = bar
         try:
             for number in range(self.state.step + 1, self.length + 1):
+                if self.stop_reason:
+                    break
                 yield number
                 self.state.step = number
                 bar.update()
-                if self.main and (number % every == 0 or number == self.length):
+                if self.main and (number % every == 0 or number == self.length or self.stop_reason):
                     self.save_checkpoint()
         finally:
             bar.close()
+        self.set_tags({"stop_reason": self.stop_reason or f"{self.spec.section}.{self.spec.length}",
+                       f"{self.spec.unit}s_run": self.state.step})
+
+    def stop(self, reason: str) -> None:
+        """End the run after the current step (before the first one, when called before the loop): the trainer's
+        own stopping rule, which it evaluates on its records, so that a resumed run stops at the same step."""
+        self.stop_reason = reason
 
     def save_checkpoint(self) -> Path:
         parts = {name: _part_state(part) for name, part in self.parts.items()
