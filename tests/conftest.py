@@ -84,8 +84,8 @@ def repo_params() -> dict:
 
 def tiny_params(params: dict) -> dict:
     """`params` (the repo's) shrunk so that every stage of the pipeline runs in seconds on a laptop CPU."""
-    params["mheight"].update({"n": [9], "k": [4, 5], "samples_per_group": 12, "train_per_group": 6,
-                              "val_per_group": 6, "workers": 1})
+    params["mheight"].update({"n": [9], "k": [4, 5], "samples_per_group": 12, "train_per_group": 4,
+                              "val_per_group": 4, "test_per_group": 4, "workers": 1})
     params["grok"].update({"width": 16, "blocks": 1, "batch_size": 16, "epochs": 6, "val_every": 3,
                            "checkpoint_every": 3, "device": "cpu"})
     params["text"].update({"stories": 60, "vocab_sizes": [60, 100]})

@@ -158,7 +158,7 @@ def make_project(directory: Path, repo_params: dict, marker: str = "") -> Path:
     commit; `marker` is printed by the committed grok package, so a job's log shows which code ran."""
     copy_project(directory)
     repo_params["mheight"].update({"n": [9], "k": [4, 5], "samples_per_group": 10, "train_per_group": 5,
-                                   "val_per_group": 5, "workers": 1})
+                                   "val_per_group": 5, "test_per_group": 0, "workers": 1})
     repo_params["grok"].update({"width": 8, "blocks": 1, "batch_size": 16, "epochs": 6, "val_every": 3,
                                 "checkpoint_every": 3, "device": "cpu"})
     write_params(directory, repo_params)
