@@ -19,16 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from labpipe.config import load_params  # noqa: E402
 from labpipe.device import resolve_device  # noqa: E402
+from labpipe.grok.features import FeatureLayout, Split, place  # noqa: E402
 from labpipe.grok.models import build_model, log2_loss  # noqa: E402
-from labpipe.grok.features import Split, place  # noqa: E402
 from labpipe.grok.train import train_epoch  # noqa: E402
 
 
-def dataloader_epoch(model, optimizer, split: Split, batch: int, n_groups: int, device) -> None:
+def dataloader_epoch(model, optimizer, split: Split, batch: int, device) -> None:
     dataset = torch.utils.data.TensorDataset(split.x, split.log2_h)
     for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True):
         x, y = x.to(device), y.to(device)
-        z, aux = model(x, x[:, -n_groups:])
+        z, aux = model(x)
         loss = log2_loss(z, y).mean()
         optimizer.zero_grad(set_to_none=True)
         (loss + 0.01 * aux).backward()
@@ -60,20 +60,23 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     g = load_params(root / "params.yaml", [f"grok.batch_size={args.batch}", f"grok.model={args.model}",
                                            "grok.blocks=5"]).grok
-    n_groups, d_in = 21, 36 + 21
+    groups = tuple((n, k, m) for n in (9, 10) for k in (4, 5, 6) for m in range(2, n - k + 1))  # the lab's 21
+    layout = FeatureLayout(groups, max_k=6, max_r=6, p_scale=100.0)
+    n_groups, d_in = len(groups), layout.dim
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(args.rows, d_in, generator=generator)
     group = torch.randint(0, n_groups, (args.rows,), generator=generator)
     x[:, 36:] = torch.nn.functional.one_hot(group, n_groups).float()
-    split = Split(x, group, torch.rand(args.rows, generator=generator) * 20, torch.zeros(args.rows), excluded_infinite=0)
+    split = Split(x, group, torch.rand(args.rows, generator=generator) * 20, torch.zeros(args.rows),
+                  excluded_infinite=0)
 
     torch.manual_seed(0)
-    model = build_model(g, d_in, n_groups).to(device)
+    model = build_model(g, layout).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=g.lr, weight_decay=g.weight_decay)
     resident = place(split, device)
-    ours = epochs_per_second(lambda: train_epoch(model, optimizer, resident, g, n_groups, generator, device),
+    ours = epochs_per_second(lambda: train_epoch(model, optimizer, resident, g, generator, device),
                              args.epochs, device)
-    baseline = epochs_per_second(lambda: dataloader_epoch(model, optimizer, split, args.batch, n_groups, device),
+    baseline = epochs_per_second(lambda: dataloader_epoch(model, optimizer, split, args.batch, device),
                                  args.epochs, device)
     print(f"device {device}, {args.rows} rows, batch {args.batch}, {args.model} width {g.width} x 5 blocks")
     print(f"grok_train epoch (device-resident): {ours:8.3f} epochs/s")
