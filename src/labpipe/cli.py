@@ -29,6 +29,9 @@ TOOLS = {
     "jobs": ("labpipe.cluster.jobs:main", "submit, list, show, modify and cancel jobs (local DVC queue or Slurm)"),
     "accelerators": ("labpipe.cluster.accelerators:main", "GPUs here, or per node of the Slurm cluster"),
     "checkpoints": ("labpipe.checkpoint:main", "each training stage's checkpoints; --prune deletes those moved aside"),
+    "mheight-predict": ("labpipe.grok.predict:main",
+                        "m-heights of codes from the trained regressor; --exact: against the exact heights"),
+    "grok-report": ("labpipe.grok.report:main", "the grok_train runs side by side: table and curves (the wd sweep)"),
 }
 
 

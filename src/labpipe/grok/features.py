@@ -50,18 +50,18 @@ def make_layout(frame: pd.DataFrame) -> FeatureLayout:
 def features(frame: pd.DataFrame, layout: FeatureLayout) -> tuple[np.ndarray, np.ndarray]:
     """(x, group index) of every row; a group the layout does not hold is an InputError naming it."""
     index_of = {g: i for i, g in enumerate(layout.groups)}
+    keys = [(int(n), int(k), int(m)) for n, k, m in zip(frame.n, frame.k, frame.m, strict=True)]
+    for n, k, m in dict.fromkeys(key for key in keys if key not in index_of):
+        known = ", ".join(f"({n}, {k}, {m})" for n, k, m in layout.groups)
+        raise InputError(f"group n={n} k={k} m={m} does not occur in the model's training data ({known})")
+    group = np.array([index_of[key] for key in keys], dtype=np.int64)
     x = np.zeros((len(frame), layout.dim), dtype=np.float32)
-    group = np.empty(len(frame), dtype=np.int64)
-    for row, (n, k, m, P) in enumerate(zip(frame.n, frame.k, frame.m, frame.P, strict=True)):
-        key = (int(n), int(k), int(m))
-        if key not in index_of:
-            known = ", ".join(f"({n}, {k}, {m})" for n, k, m in layout.groups)
-            raise InputError(f"group n={n} k={k} m={m} does not occur in the model's training data ({known})")
-        padded = np.zeros((layout.max_k, layout.max_r), dtype=np.float32)
-        padded[:k, : n - k] = np.asarray(P).reshape(k, n - k) / layout.p_scale
-        x[row, : layout.max_k * layout.max_r] = padded.reshape(-1)
-        group[row] = index_of[key]
-    x[np.arange(len(frame)), layout.max_k * layout.max_r + group] = 1.0
+    cells = layout.max_k * layout.max_r
+    for (n, k), rows in frame.groupby(["n", "k"]).indices.items():  # one (n, k) shape at a time, vectorised
+        padded = np.zeros((len(rows), layout.max_k, layout.max_r), dtype=np.float32)
+        padded[:, :k, : n - k] = np.stack(frame.P.to_numpy()[rows]).reshape(len(rows), k, n - k) / layout.p_scale
+        x[rows, :cells] = padded.reshape(len(rows), cells)
+    x[np.arange(len(frame)), cells + group] = 1.0
     return x, group
 
 
