@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 # The CPU build on disk; TORCH= (empty) skips it, TORCH='torch==2.13.0+cu126 --index-url ...' picks another.
 TORCH  ?= torch==2.13.0
 WD     ?= 0.01
+WDS    ?= 0.01 0.03 0.1
+HEADS  ?= log2
 H      ?= 64
 K      ?= 100
 HS     ?= 16 32 64
@@ -16,7 +18,7 @@ NORMS  ?= 0.03 0.1 0.12 0.14 0.16 0.18 1
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast test-ranks test-slurm test-docker train-grok sweep-grok train-best train-hmm sweep-hmm sweep-crosscoder \
+.PHONY: setup run run-full test test-fast test-ranks test-slurm test-docker train-grok sweep-grok grok-report train-best train-hmm sweep-hmm sweep-crosscoder \
 	sweep-crosscoder-plot ui lint doctor constraints clean
 
 setup: $(VENV)/.installed
@@ -67,10 +69,15 @@ test-docker: setup
 train-grok: setup data
 	dvc exp run -S grok.weight_decay=$(WD)
 
+# The seed's wd sweep, with each output head in HEADS (HEADS="log2 seed": both, to compare them in one report).
 sweep-grok: setup data
-	for wd in 0.01 0.03 0.1; do dvc exp run --queue -S grok.weight_decay=$$wd; done
+	for head in $(HEADS); do for wd in $(WDS); do \
+		dvc exp run --queue -S grok.weight_decay=$$wd -S grok.output_head=$$head; done; done
 	dvc queue start --jobs 1
-	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
+	@echo "queued; follow with: dvc queue status, make ui; when done: make grok-report"
+
+grok-report: setup
+	labpipe grok-report
 
 # The seed's best model (params.best.yaml): 6 ResNet experts (64 x 5) pretrained alone, each a tracked run,
 # then a top-2 MoE gated on (n, k) fine-tuned from them as a DVC experiment. Each expert run moves the previous
