@@ -254,6 +254,14 @@ def test_a_moe_starts_from_pretrained_resnet_experts_exactly(project):
         assert all(torch.equal(saved[name], tensor) for name, tensor in expert.state_dict().items())
     assert MlflowClient().get_run(run_id).data.tags["labpipe.init_from"] == ", ".join(map(str, experts))
 
+    # One ResNet for all experts, and the gate forced to one of them (top_k = 1): the MoE is that ResNet.
+    moe, _ = _entered_weights(["grok.model=moe", "grok.experts=3", "grok.top_k=1",
+                               f"grok.init_experts_from={json.dumps([str(experts[0])])}"])
+    resnet, _ = _entered_weights([f"grok.init_from={experts[0]}"])
+    x = encode(pd.read_parquet(VAL), moe.layout).x
+    with torch.no_grad():
+        assert torch.equal(moe(x)[0], resnet(x)[0])
+
 
 def test_fine_tuning_starts_from_the_registered_champion_and_a_bad_source_is_one_line(project):
     from labpipe.errors import InputError

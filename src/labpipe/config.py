@@ -110,15 +110,17 @@ class GrokParams:
     grokking_drop: Annotated[float, Bound(0, 1, low_open=True, high_open=True)]  # the least relative fall of the drop
     stop_after_plateau: Natural  # stop when val has not improved for this many validations after grokking; 0 = off
     init_from: str  # "" | a checkpoint or model.pt | models:/mheight-regressor@champion: fine-tune from those weights
-    init_experts_from: tuple[str, ...]  # moe: one ResNet (file or models:/ URI) per expert, [] = random experts
+    init_experts_from: tuple[str, ...]  # moe: one ResNet (file or models:/ URI) per expert, or one for all of them;
+    #                                     [] = random experts
     device: str
 
     def __post_init__(self):
         if self.model == "moe" and self.top_k > self.experts:
             raise ConfigError(f"grok.top_k={self.top_k} must be at most grok.experts={self.experts}")
-        if self.init_experts_from and (self.model != "moe" or len(self.init_experts_from) != self.experts):
+        if self.init_experts_from and (self.model != "moe" or len(self.init_experts_from) not in (1, self.experts)):
             raise ConfigError(f"grok.init_experts_from lists {len(self.init_experts_from)} models: it needs "
-                              f"grok.model=moe and one model per expert (grok.experts={self.experts})")
+                              f"grok.model=moe and one model for all experts or one per expert "
+                              f"(grok.experts={self.experts})")
         if self.init_experts_from and self.init_from:
             raise ConfigError("grok.init_from and grok.init_experts_from are exclusive: set one of them")
 

@@ -166,10 +166,12 @@ def run_train(params: Params) -> None:
 
 
 def init_weights(model: torch.nn.Module, g: GrokParams, loaded: list[dict]) -> None:
-    """grok.init_from: the whole model's weights; grok.init_experts_from: one ResNet's weights per expert."""
+    """grok.init_from: the whole model's weights; grok.init_experts_from: one ResNet's weights per expert, or
+    one ResNet's for every expert."""
     if g.init_experts_from:
-        for index, (expert, weights) in enumerate(zip(model.experts, loaded, strict=True)):
-            load_into(expert, weights, f"grok.init_experts_from[{index}]={g.init_experts_from[index]}")
+        for index, expert in enumerate(model.experts):
+            source = index if len(loaded) > 1 else 0
+            load_into(expert, loaded[source], f"grok.init_experts_from[{source}]={g.init_experts_from[source]}")
     else:
         load_into(model, loaded[0], f"grok.init_from={g.init_from}")
 
