@@ -41,7 +41,8 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
         assert f"Running stage '{stage}'" in out
     dataset = pd.read_parquet(project / "artifacts/mheight/dataset.parquet")
     assert len(dataset) == 7 * 12  # 7 groups with n=9, k in {4, 5}
-    assert len(pd.read_parquet(project / "artifacts/mheight/train.parquet")) == 7 * 6
+    for split in ("train", "val", "test"):  # tiny_params: 4 of each per group
+        assert len(pd.read_parquet(project / f"artifacts/mheight/{split}.parquet")) == 7 * 4
     metrics = json.loads((project / "artifacts/grok/metrics.json").read_text())
 
     client = MlflowClient(uri)
