@@ -81,7 +81,8 @@ grok-report: setup
 
 # The seed's best model (params.best.yaml): 6 ResNet experts (64 x 5) pretrained alone, each a tracked run,
 # then a top-2 MoE gated on (n, k) fine-tuned from them as a DVC experiment. Each expert run moves the previous
-# one's checkpoints aside (labpipe checkpoints --prune); EPOCHS sets every step's length.
+# one's checkpoints aside (labpipe checkpoints --prune); EPOCHS is each expert's length (the fine-tune's is in
+# the profile).
 EPOCHS ?= 60
 train-best: setup data
 	dvc repro mheight_subsample
@@ -90,7 +91,7 @@ train-best: setup data
 		labpipe grok-train --set grok.model=resnet --set grok.width=64 --set grok.blocks=5 --set grok.seed=$$seed \
 			--set grok.epochs=$(EPOCHS) \
 		&& cp artifacts/grok/model.pt artifacts/grok-experts/expert_$$seed.pt || exit 1; done
-	dvc exp run $$(labpipe profile params.best.yaml) -S grok.epochs=$(EPOCHS)
+	dvc exp run $$(labpipe profile params.best.yaml)
 
 train-hmm: setup data
 	dvc exp run -S hmm.hidden_states=$(H) -S hmm.vocab_size=$(K)

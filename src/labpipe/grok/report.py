@@ -54,6 +54,11 @@ def differing_params(runs: list) -> list[str]:
     return [key for key in keys if len({run.data.params.get(key) for run in runs}) > 1]
 
 
+def shown(value: str | None, width: int = 32) -> str | None:
+    """A param's value as the table and legend show it: long ones (lists of expert paths) cut short."""
+    return value if value is None or len(value) <= width else value[: width - 3] + "..."
+
+
 def curves(run, metric: str) -> tuple[list[int], list[float]]:
     from mlflow import MlflowClient
 
@@ -70,7 +75,7 @@ def summary(runs: list, keys: list[str]) -> pd.DataFrame:
         rows.append({
             "run_id": run.info.run_id,
             "run_name": run.info.run_name,
-            **{key: run.data.params.get(key) for key in keys},
+            **{key: shown(run.data.params.get(key)) for key in keys},
             "best_val_loss": val[best] if val else None,
             "best_epoch": epochs[best] if val else None,
             "test_loss": metrics.get("test_loss"),
