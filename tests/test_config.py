@@ -89,6 +89,15 @@ def test_full_profile_becomes_checked_dvc_flags(tmp_path):
         profile_flags(str(REPO / "params.yaml"), str(bad))
 
 
+@pytest.mark.parametrize("profile", [None, "params.full.yaml"])
+def test_the_generated_m_height_data_holds_the_three_splits(profile):
+    """mheight_subsample draws train + val + test disjointly from samples_per_group generated codes."""
+    overrides = [f.removeprefix("-S ") for f in profile_flags(str(REPO / "params.yaml"), str(REPO / profile))] \
+        if profile else []
+    p = load_params(REPO / "params.yaml", overrides).mheight
+    assert p.train_per_group + p.val_per_group + p.test_per_group <= p.samples_per_group
+
+
 def test_the_full_profile_trains_the_lm_on_20_tokens_per_parameter_in_one_epoch():
     """The compute-optimal budget (Hoffmann et al. 2022) for the seed's ~100M Llama, with no row seen twice."""
     import torch
