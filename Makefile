@@ -12,7 +12,8 @@ K      ?= 100
 HS     ?= 16 32 64
 KS     ?= 100 200
 PORT   ?= 5000
-NORMS  ?= 0.03 0.1 0.12 0.14 0.16 0.18 1
+NORMS  ?= 0.03 0.08 0.1 0.12 0.14 0.16 0.18 1
+PENALTIES ?= none detached full
 
 # Every stage and every queued DVC experiment (which runs in a temp copy) logs to this project's store.
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
@@ -96,17 +97,29 @@ train-best: setup data
 train-hmm: setup data
 	dvc exp run -S hmm.hidden_states=$(H) -S hmm.vocab_size=$(K)
 
-# One queued experiment (and one MLflow run) per (H, K); K must be one of text.vocab_sizes.
+# One queued experiment (and one MLflow run) per (H, K); K must be one of text.vocab_sizes. With BATCHES, HS and
+# BATCHES pair up instead (zip, the seed's NUM_STATES and BATCH_SIZES arrays), for each K:
+#   make sweep-hmm HS="100 200 300 400 500 600" BATCHES="1024 256 256 256 128 128"
+# (other paired lists: labpipe jobs submit hmm_train --zip KEY=V1,V2,... --zip KEY2=W1,W2,...)
+BATCHES ?=
+ifneq ($(and $(filter sweep-hmm,$(MAKECMDGOALS)),$(BATCHES)),)
+ifneq ($(words $(HS)),$(words $(BATCHES)))
+$(error sweep-hmm: HS has $(words $(HS)) values and BATCHES $(words $(BATCHES)): paired lists must be equally long)
+endif
+endif
 sweep-hmm: setup data
-	for k in $(KS); do for h in $(HS); do \
-		dvc exp run --queue -S hmm.hidden_states=$$h -S hmm.vocab_size=$$k; done; done
+	for k in $(KS); do for pair in $(if $(BATCHES),$(join $(HS),$(addprefix :,$(BATCHES))),$(HS)); do \
+		dvc exp run --queue -S hmm.vocab_size=$$k -S hmm.hidden_states=$${pair%%:*} \
+			$(if $(BATCHES),-S hmm.batch_size=$${pair#*:}); done; done
 	dvc queue start --jobs 1
 	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
 
-# The seed's decoder-init sweep: one queued experiment (and one MLflow run) per crosscoder.dec_init_norm; the
+# The seed's decoder-init sweep (0.08: the lab's reference) for each sparsity term (its "non-detach" runs): one
+# queued experiment (and one MLflow run) per (crosscoder.decoder_norm_in_penalty, crosscoder.dec_init_norm); the
 # buffer is harvested once (stage activations is unchanged across the sweep and restored from the DVC cache).
 sweep-crosscoder: setup data
-	for n in $(NORMS); do dvc exp run --queue -S crosscoder.dec_init_norm=$$n; done
+	for p in $(PENALTIES); do for n in $(NORMS); do \
+		dvc exp run --queue -S crosscoder.decoder_norm_in_penalty=$$p -S crosscoder.dec_init_norm=$$n; done; done
 	dvc queue start --jobs 1
 	@echo "queued; follow with: dvc queue status; when done: make sweep-crosscoder-plot"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -120,6 +121,16 @@ def run_labpipe(directory: Path, argv: list[str]) -> subprocess.CompletedProcess
     finally:
         os.chdir(before)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def make_queued(target: str, *assignments: str) -> list[set[str]]:
+    """The -S overrides of each `dvc exp run --queue` that `make TARGET ASSIGNMENTS` would run, one set per
+    queued experiment, read from the recipe's dry run (make -n) and its loop run with echo for dvc."""
+    dry = subprocess.run(["make", "-n", target, *assignments], cwd=REPO, capture_output=True, text=True, check=True)
+    loop = next(line for line in dry.stdout.replace("\\\n", " ").splitlines() if "dvc exp run --queue" in line)
+    echoed = subprocess.run(["bash", "-c", loop.replace("dvc exp run --queue", "echo")], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    return [set(re.findall(r"-S (\S+)", line)) for line in echoed]
 
 
 def write_params(directory: Path, params: dict) -> Path:

@@ -124,6 +124,26 @@ def pickled(relative: str, obj) -> Callable[[Path], None]:
     return write(relative, pickle.dumps(obj))
 
 
+def lab_files(tokenizer: str | None = None, bad_file: str | None = None) -> Callable[[Path], None]:
+    """The lab's token files (text.source=token-files:lab) made from the project's own, then one spoilt: the
+    tokenizer.json's text, or a line of `bad_file` without its final 0."""
+
+    def spoil(project: Path) -> None:
+        lab = project / "lab"
+        lab.mkdir()
+        for k in (60, 100):
+            for split in ("train", "test"):
+                tokens = (project / f"artifacts/text/tokens/{split}/K{k}/tokens.txt").read_text()
+                (lab / f"TinyStories-{k}-{split}.txt").write_text(tokens)
+        vocab = json.loads((project / "artifacts/text/tokens/train/K100/vocab.json").read_text())
+        (lab / "tokenizer.json").write_text(tokenizer or json.dumps({word: i for i, word in enumerate(vocab)}))
+        if bad_file:
+            with open(lab / bad_file, "a") as f:
+                f.write("1 2 3\n")
+
+    return spoil
+
+
 def first_shard(project: Path, split: str = "train") -> str:
     manifest = json.loads((project / "artifacts/synth/manifest.json").read_text())
     return next(f"{manifest['out_dir']}/{s['file']}" for s in manifest["shards"] if s["split"] == split)
@@ -252,6 +272,37 @@ CASES = [
          "crosscoder.init_from=artifacts/grok/model.pt"),
     case("hmm init that runs code", "hmm-train", "evil.pt", "hmm.init_from=evil.pt",
          spoil=pickled("evil.pt", os.system)),  # unpickling would call os.system: a safe load refuses it
+    # the lab's measurements and tools (issue 17)
+    case("crosscoder length twice", "crosscoder-train", "crosscoder.epochs", "crosscoder.epochs=2"),
+    case("crosscoder without a length", "crosscoder-train", "crosscoder.steps", "crosscoder.steps=0"),
+    case("unknown penalty variant", "crosscoder-train", "crosscoder.decoder_norm_in_penalty",
+         "crosscoder.decoder_norm_in_penalty=yes"),
+    case("the old boolean penalty", "crosscoder-train", "crosscoder.decoder_norm_in_penalty",
+         "crosscoder.decoder_norm_in_penalty=true"),
+    case("negative update_freq", "hmm-train", "hmm.update_freq", "hmm.update_freq=-1"),
+    case("train_unique not a bool", "hmm-train", "hmm.train_unique", "hmm.train_unique=some"),
+    case("dormancy layer twice", "dormancy", "dormancy.layers", "dormancy.layers=[0,0]"),
+    case("dormancy layer past the model", "dormancy", "dormancy.layers", "dormancy.layers=[5]",
+         "dormancy.output_csv=artifacts/dormancy/new.csv"),
+    case("dormancy profile missing", "dormancy", "nope.yaml", flags=("--profile", "nope.yaml")),
+    case("dormancy profile unknown key", "dormancy", "dormancy.nope", flags=("--profile", "profile.yaml"),
+         spoil=write("profile.yaml", "dormancy:\n  nope: 1\n")),
+    case("lab token files missing", "corpus", "no/lab", "text.source=token-files:no/lab"),
+    case("lab tokenizer not json", "corpus", "tokenizer.json", "text.source=token-files:lab",
+         spoil=lab_files(tokenizer="{")),
+    case("lab tokenizer without the period at 0", "corpus", "tokenizer.json", "text.source=token-files:lab",
+         spoil=lab_files(tokenizer=json.dumps({"a": 0, ".": 1}))),
+    case("lab token line without its 0", "corpus", "TinyStories-60-test.txt", "text.source=token-files:lab",
+         spoil=lab_files(bad_file="TinyStories-60-test.txt")),
+    case("hmm-eval model missing", "hmm-eval", "nope.pt", flags=("--model", "nope.pt")),
+    case("hmm-eval model of another kind", "hmm-eval", "artifacts/grok/model.pt",
+         flags=("--model", "artifacts/grok/model.pt")),
+    case("hmm-sample model truncated", "hmm-sample", "model.pt", spoil=truncate(HMM_MODEL)),
+    case("hmm-sample word outside the vocabulary", "hmm-sample", "'zyzzyva'", flags=("--prompt", "zyzzyva")),
+    case("hmm-sample negative count", "hmm-sample", "--sentences", flags=("--sentences", "-1")),
+    case("lm-sample model missing", "lm-sample", "nope", flags=("--model", "nope")),
+    case("lm-sample weights random", "lm-sample", "artifacts/lm/model",
+         spoil=garbage("artifacts/lm/model/model.safetensors")),
 ]
 
 

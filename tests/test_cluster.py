@@ -201,6 +201,16 @@ def tiny_project(tmp_path, monkeypatch, repo_params) -> Path:
 # ----------------------------------------------------------------------------- refusals
 
 
+def test_zip_lists_pair_up_and_cross_the_sweep_grid():
+    """The seed's NUM_STATES and BATCH_SIZES arrays, paired, at each K of a --sweep."""
+    tasks = capture.resolve_tasks(REPO / "params.yaml", ["hmm.epochs=2"], ["hmm.vocab_size=100,200"],
+                                  ["hmm.hidden_states=100,200,300", "hmm.batch_size=1024,256,128"])
+    assert [(p["hmm"]["hidden_states"], p["hmm"]["batch_size"], p["hmm"]["vocab_size"]) for _, p in tasks] == [
+        (100, 1024, 100), (100, 1024, 200), (200, 256, 100), (200, 256, 200), (300, 128, 100), (300, 128, 200)]
+    assert tasks[2][0] == ["hmm.epochs=2", "hmm.hidden_states=200", "hmm.batch_size=256", "hmm.vocab_size=100"]
+    assert all(p["hmm"]["epochs"] == 2 for _, p in tasks)
+
+
 def test_bad_submissions_are_refused_before_anything_is_submitted(tiny_project, capsys, monkeypatch):
     import torch
 
@@ -209,6 +219,11 @@ def test_bad_submissions_are_refused_before_anything_is_submitted(tiny_project, 
         (["submit", "grok_train", "--set", "grok.no_such_key=1"], "unknown key 'grok.no_such_key'"),
         (["submit", "grok_train", "--sweep", "grok.weight_decay=0.1,zero"], "grok.weight_decay must be float"),
         (["submit", "grok_train", "--sweep", "grok.weight_decay"], "is not of the form section.key=value1,value2"),
+        (["submit", "hmm_train", "--zip", "hmm.hidden_states=16,32", "--zip", "hmm.batch_size=64"],
+         "--zip lists must be equally long: hmm.hidden_states has 2, hmm.batch_size has 1"),
+        (["submit", "hmm_train", "--zip", "hmm.batch_size=8,16", "--sweep", "hmm.batch_size=32"],
+         "hmm.batch_size is swept twice (in --sweep or --zip): give each key once"),
+        (["submit", "hmm_train", "--zip", "hmm.update_freq=1,-1"], "hmm.update_freq must be >= 0"),
         (["submit", "grok_train", "--partition", "gpu"], "--partition and --time are Slurm's"),
         (["submit", "grok_train", "--executor", "slurm", "--time", "1h"], "is not a Slurm time"),
         (["submit", "grok_train", "--executor", "slurm", "--nodes", "2"],

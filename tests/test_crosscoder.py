@@ -1,6 +1,9 @@
-"""Crosscoder line: loss, init and metrics against hand and numpy computations; the activation buffer (atomic
+"""Crosscoder line: the loss of each penalty variant and its gradients, the init, and the metrics against hand
+and numpy computations (the seed's epoch-0 counts rebuilt exactly, its per-token explained variance above both
+sources, epoch sums over batches); the switching baseline against numpy's lstsq; the activation buffer (atomic
 write, normalization, every row once per epoch with workers); the harvest from two tiny Llamas against their
-forward pass; training on a planted dictionary; init_from; the champion's L0 band; the dec_init_norm sweep plot.
+forward pass; training on a planted dictionary; a run in epochs and its per-epoch records, through a stop and
+resume; init_from; the champion's L0 band; the penalty x dec_init_norm sweep and its make target.
 Kill-and-resume and the rest of the run lifecycle: test_lifecycle.py, with make_crosscoder_project."""
 
 import copy
@@ -18,14 +21,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import write_params
+from conftest import make_queued, write_params
 from labpipe.checkpoint import SUPERSEDED, Checkpoints
 from labpipe.cli import main as cli
 from labpipe.config import CrosscoderParams, build, flatten, load_params
 from labpipe.crosscoder.buffer import DATA, ActivationBuffer, BatchStream, ShuffledBatches, write_buffer
-from labpipe.crosscoder.metrics import DeadLatents, activity, batch_metrics, explained_variance
+from labpipe.crosscoder.metrics import DeadLatents, Totals, median_norms, span_metrics, span_sums
 from labpipe.crosscoder.model import Crosscoder, load_crosscoder
-from labpipe.crosscoder.train import OUT_DIR, l1_coef_at, lr_at, plot_sweep
+from labpipe.crosscoder.train import OUT_DIR, SWEEP_COLUMNS, evaluate, l1_coef_at, lr_at, plot_sweep
 from labpipe.files import sha256_file
 
 
@@ -41,14 +44,19 @@ def one_thread():
 # ---- model: loss and init ----------------------------------------------------------------------------------
 
 
-def test_loss_matches_a_hand_computation_with_and_without_the_decoder_norm():
+def _tiny_model() -> tuple[Crosscoder, torch.Tensor]:
     model = Crosscoder(d_a=1, d_b=2, dict_size=2)  # x = [a | b], a in R^1, b in R^2
     with torch.no_grad():
         model.W_enc.copy_(torch.tensor([[1.0, 0], [0, 1], [1, -1]]))
         model.b_enc.copy_(torch.tensor([0.0, -1]))
         model.W_dec.copy_(torch.tensor([[3.0, 0, 4], [0, 1, 0]]))
         model.b_dec.copy_(torch.tensor([0.0, 1, 0]))
-    x = torch.tensor([[1.0, 2, 0], [0, 1, 1]])
+    return model, torch.tensor([[1.0, 2, 0], [0, 1, 1]])
+
+
+@pytest.mark.parametrize("variant", ["none", "detached", "full"])
+def test_loss_and_its_gradients_match_a_hand_computation_for_each_penalty_variant(variant):
+    model, x = _tiny_model()
     f, x_hat = model(x)
     # x W_enc + b_enc = [[1, 2-1], [1, 0-1]] -> f = [[1, 1], [1, 0]]
     assert f.tolist() == [[1, 1], [1, 0]]
@@ -56,12 +64,19 @@ def test_loss_matches_a_hand_computation_with_and_without_the_decoder_norm():
     assert x_hat.tolist() == [[3, 2, 4], [3, 1, 4]]
     # ||W_dec,i^s||: latent 0: a |3| = 3, b |(0, 4)| = 4; latent 1: a 0, b 1
     assert model.decoder_norms().tolist() == [[3, 4], [0, 1]]
-    with_norm = model.loss_terms(x, f, x_hat, l1_coef=0.5, decoder_norm_in_penalty=True)
-    # penalty per row: 1*7 + 1*1 = 8 and 1*7 = 7, mean 7.5; loss = (20+18)/2 + 0.5 * 7.5
-    assert (with_norm.mse.item(), with_norm.l1.item(), with_norm.loss.item()) == (19, 7.5, 22.75)
-    without = model.loss_terms(x, f, x_hat, l1_coef=0.5, decoder_norm_in_penalty=False)
-    # penalty per row: sum_i f_i = 2 and 1, mean 1.5
-    assert (without.mse.item(), without.l1.item(), without.loss.item()) == (19, 1.5, 19.75)
+    terms = model.loss_terms(x, f, x_hat, l1_coef=0.5, decoder_norm_in_penalty=variant)
+    # with the norms, w = (7, 1): penalty per row 1*7 + 1*1 = 8 and 1*7 = 7, mean 7.5; without, sum_i f_i: 2 and 1
+    l1 = 1.5 if variant == "none" else 7.5
+    assert (terms.mse.item(), terms.l1.item(), terms.loss.item()) == (19, l1, 19 + 0.5 * l1)
+
+    terms.l1.backward()  # the penalty's gradients alone
+    # d/d b_enc_i = mean over rows of w_i * [pre-activation > 0]; the gates are [[1, 1], [1, 0]]
+    w = [1, 1] if variant == "none" else [7, 1]
+    assert model.b_enc.grad.tolist() == [(w[0] + w[0]) / 2, w[1] / 2]
+    # d/d W_dec,i^s = mean_t f_ti * W_dec,i^s / ||W_dec,i^s|| when the norms keep their gradient: mean f = (1, 0.5);
+    # latent 0: a 3/3 = 1, b (0, 4)/4 = (0, 1); latent 1: a has norm 0 (subgradient 0), b (1, 0)/1 * 0.5
+    decoder = [[1, 0, 1], [0, 0.5, 0]] if variant == "full" else [[0, 0, 0], [0, 0, 0]]
+    assert (model.W_dec.grad if model.W_dec.grad is not None else torch.zeros(2, 3)).tolist() == decoder
 
 
 def test_init_normalizes_decoder_rows_per_source_and_transposes_the_encoder():
@@ -82,32 +97,101 @@ def test_init_normalizes_decoder_rows_per_source_and_transposes_the_encoder():
     assert not torch.equal(raw.W_enc, raw.W_dec.T)
 
 
-# ---- metrics against numpy ---------------------------------------------------------------------------------
+# ---- metrics: by hand, against numpy, and the seed's log ---------------------------------------------------
 
 
-def test_explained_variance_and_activity_counts_match_numpy():
+def _metrics(x, f, x_hat, d_a, **kwargs) -> dict[str, float]:
+    return span_metrics(span_sums(torch.as_tensor(x), torch.as_tensor(f), torch.as_tensor(x_hat), d_a, **kwargs))
+
+
+SEED_NAMES = ["total_inactive", "mean_active", "mean_active_pct", "max_active", "max_active_pct", "min_active",
+              "min_active_pct", "total_dead_neurons", "total_neurons", "pct_dead_neurons", "mean_explained_variance",
+              "mean_explained_variance_a", "mean_explained_variance_b", "residual"]  # the seed's log line
+
+
+def _span(x: np.ndarray, f: np.ndarray, x_hat: np.ndarray, d_a: int, centre: np.ndarray | None = None) -> dict:
+    """The definitions of metrics.py's docstring over the rows of x, by numpy; centre: mu (default: x's mean)."""
+    centre = x.mean(axis=0) if centre is None else centre
+    r, v = (x - x_hat) ** 2, (x - centre) ** 2
+    r_a, r_b, v_a, v_b = r[:, :d_a].sum(1), r[:, d_a:].sum(1), v[:, :d_a].sum(1), v[:, d_a:].sum(1)
+    n_t, c_i = (f > 0).sum(axis=1), (f > 0).sum(axis=0)
+    latents = f.shape[1]
+    return {"mean_active": n_t.mean(), "mean_active_pct": n_t.mean() / latents, "max_active": n_t.max(),
+            "max_active_pct": n_t.max() / latents, "min_active": n_t.min(), "min_active_pct": n_t.min() / latents,
+            "total_inactive": (c_i == 0).sum(), "residual": (r_a + r_b).mean(),
+            "mean_explained_variance": (1 - (r_a + r_b) / (v_a + v_b)).mean(),
+            "mean_explained_variance_a": (1 - r_a / v_a).mean(), "mean_explained_variance_b": (1 - r_b / v_b).mean(),
+            "explained_variance": 1 - (r_a + r_b).sum() / (v_a + v_b).sum(),
+            "explained_variance_a": 1 - r_a.sum() / v_a.sum(), "explained_variance_b": 1 - r_b.sum() / v_b.sum(),
+            "mse_a": r_a.mean(), "mse_b": r_b.mean(), "l0": n_t.mean(), "max_firing_rate": c_i.max() / len(x),
+            "min_firing_rate": c_i.min() / len(x), "inactive_tokens": (n_t == 0).sum()}
+
+
+def test_the_seeds_epoch_0_line_is_per_token_counts_over_its_4096_token_batch():
+    """A batch of 4096 tokens over 12288 latents whose per-token counts are those of the seed's epoch 0 line:
+    its mean_active = 2570169 / 4096, max_active 4927, min_active 0, and the pcts divided by 12288."""
+    counts = np.array([4927, 0] + [627] * 2398 + [626] * 1696)
+    assert counts.sum() == 2570169 and len(counts) == 4096
+    f = torch.from_numpy(np.arange(12288)[None, :] < counts[:, None]).to(torch.uint8)  # latent i < n_t fires
+    x = torch.randn(4096, 4)
+    got = _metrics(x, f, x, 2)
+    seed = {'mean_active': 627.482666015625, 'mean_active_pct': 0.05106467008590698, 'max_active': 4927,
+            'max_active_pct': 0.4009602864583333, 'min_active': 0, 'min_active_pct': 0.0}
+    assert {name: got[name] for name in seed} == seed
+    assert got["l0"] == got["mean_active"] and got["inactive_tokens"] == 1  # the token that activates none
+    # per latent: latent 0 fires on 4095 tokens, latents 4927.. on none: total_inactive over this one-batch span
+    assert got["max_firing_rate"] == 4095 / 4096 and got["min_firing_rate"] == 0
+    assert got["total_inactive"] == 12288 - 4927
+
+
+def test_mean_explained_variance_is_per_token_and_can_exceed_both_sources_as_in_the_seeds_log():
+    # one dimension per source, the batch mean 0: spreads v^a = (4, 4, 1, 1), v^b = (1, 1, 4, 4); tokens 0, 1
+    # reconstruct a exactly and miss b by 1, tokens 2, 3 the other way round
+    x = torch.tensor([[2.0, 1], [-2, -1], [1, 2], [-1, -2]])
+    x_hat = torch.tensor([[2.0, 0], [-2, 0], [0, 2], [0, -2]])
+    got = _metrics(x, torch.ones(4, 3), x_hat, 1)
+    # per token: EV_a = (1, 1, 0, 0), EV_b = (0, 0, 1, 1), joint 1 - 1/5 = 0.8 each
+    assert (got["mean_explained_variance_a"], got["mean_explained_variance_b"]) == (0.5, 0.5)
+    assert got["mean_explained_variance"] == pytest.approx(0.8)
+    # pooled: 1 - 2/10 for each source, 1 - 4/20 for both; residual = mean_t (r^a + r^b) = 1
+    assert [got[f"explained_variance{s}"] for s in ("", "_a", "_b")] == pytest.approx([0.8, 0.8, 0.8])
+    assert (got["residual"], got["mse_a"], got["mse_b"]) == (1, 0.5, 0.5)
+
+
+def test_span_metrics_match_numpy_for_a_batch_and_for_an_epoch_of_batches():
     rng = np.random.default_rng(0)
-    d_a, d_b, batch, latents = 3, 5, 64, 10
-    x = rng.normal(size=(batch, d_a + d_b)) * [1, 2, 3, 1, 1, 1, 4, 1] + 2
-    x_hat = x + rng.normal(size=x.shape) * 0.5
-    f = np.maximum(rng.normal(size=(batch, latents)) - 1, 0)
-    f[:, 3] = 0  # a latent that never fires
-    f[7] = 0  # a token on which no latent fires
-    ev_a, ev_b = explained_variance(torch.tensor(x), torch.tensor(x_hat), d_a)
-    for ev, s in ((ev_a, slice(0, d_a)), (ev_b, slice(d_a, None))):
-        a, a_hat = x[:, s], x_hat[:, s]
-        expected = 1 - ((a - a_hat) ** 2).sum() / ((a - a.mean(axis=0)) ** 2).sum()
-        assert ev.item() == pytest.approx(expected, rel=1e-12)
+    d_a, d_b, latents = 3, 5, 10
+    batches = []
+    for rows in (64, 40, 64):
+        x = rng.normal(size=(rows, d_a + d_b)) * [1, 2, 3, 1, 1, 1, 4, 1] + 2
+        f = np.maximum(rng.normal(size=(rows, latents)) - 1, 0)
+        f[:, 3] = 0  # a latent that never fires
+        f[7] = 0  # a token on which no latent fires
+        batches.append((x, f, x + rng.normal(size=x.shape) * 0.5))
+    batches[1][1][:, 5] = 0  # latent 5 is silent in batch 1 only
 
-    got = {k: v.item() for k, v in activity(torch.tensor(f)).items()}
-    count = (f > 0).sum(axis=0)  # per latent, tokens that activate it
-    assert got["total_inactive"] == ((f > 0).sum(axis=1) == 0).sum() >= 1
-    assert got["mean_active"] == pytest.approx(count.mean()) and got["mean_active_pct"] == pytest.approx(
-        count.mean() / batch)
-    assert (got["max_active"], got["min_active"]) == (count.max(), 0)
-    assert got["max_active_pct"] == pytest.approx(count.max() / batch) and got["min_active_pct"] == 0
-    assert got["l0"] == pytest.approx((f > 0).sum(axis=1).mean())
-    assert got["mean_active_pct"] == pytest.approx(got["l0"] / latents)  # the same fraction seen both ways
+    def expected(spans) -> dict[str, float]:  # each batch centred on its own mean
+        x, f, x_hat = (np.concatenate(part) for part in zip(*spans, strict=True))
+        return _span(x, f, x_hat, d_a, np.concatenate([np.broadcast_to(b[0].mean(axis=0), b[0].shape) for b in spans]))
+
+    tensors = [tuple(torch.tensor(a) for a in batch) for batch in batches]
+    batch = _metrics(*tensors[1], d_a)
+    assert batch == pytest.approx(expected(batches[1:2]), rel=1e-12) and batch["total_inactive"] == 2
+    epoch = Totals()
+    for x, f, x_hat in tensors:
+        epoch.add(span_sums(x, f, x_hat, d_a))
+    saved = epoch.state_dict()
+    assert span_metrics(epoch.sums) == pytest.approx(expected(batches), rel=1e-12)
+    assert span_metrics(epoch.sums)["total_inactive"] == 1  # latent 5 fired in the other batches
+    resumed = Totals()
+    resumed.load_state_dict(pickle.loads(pickle.dumps(saved)))
+    assert span_metrics(resumed.sums) == span_metrics(epoch.sums)
+
+    x, f, x_hat = batches[0]
+    norms = median_norms(tensors[0][0], tensors[0][2])
+    assert norms == pytest.approx({"median_input_norm": np.median(np.linalg.norm(x, axis=1)),
+                                   "median_error_norm": np.median(np.linalg.norm(x - x_hat, axis=1))}, rel=1e-12)
+    assert len(x) % 2 == 0  # an even count: numpy's median averages the middle two
 
 
 def test_dead_latents_match_a_direct_count_over_the_window():
@@ -131,11 +215,8 @@ def test_dead_latents_match_a_direct_count_over_the_window():
             expected.append(silent >= window)
         assert tracker.dead().tolist() == expected, k
     assert tracker.dead()[0] and tracker.dead()[5] and not tracker.dead()[-1]
-    x = torch.randn(9, 4)
-    metrics = batch_metrics(x, torch.tensor(batches[-1]), x, 2, tracker)
-    assert metrics["total_dead_neurons"] == sum(expected) and metrics["total_neurons"] == latents
-    assert metrics["pct_dead_neurons"] == pytest.approx(sum(expected) / latents)
-    assert metrics["mean_explained_variance"] == 1.0
+    assert tracker.metrics() == {"total_dead_neurons": sum(expected), "total_neurons": latents,
+                                 "pct_dead_neurons": sum(expected) / latents}
 
 
 def test_lr_warms_up_holds_and_decays_to_zero_and_lambda_warms_up(repo_params):
@@ -402,29 +483,32 @@ def test_training_recovers_a_planted_dictionary_and_registers_a_champion(project
     assert (best_cosine > 0.9).sum() >= 22, np.sort(best_cosine)
 
     metrics = json.loads((OUT_DIR / "metrics.json").read_text())
-    assert metrics["eval_rows"] == 8192 and metrics["in_l0_band"] and 4 <= metrics["l0"] <= 10
+    assert metrics["eval_rows"] == 8192 and metrics["in_l0_band"]
     assert metrics["l0_band"] == [4.0, 64.0] and metrics["steps"] == 500
     rows = buffer.to_float(torch.from_numpy(np.array(buffer.array()).view(np.int16)), buffer.scale_vector())
     with torch.no_grad():
         f, x_hat = (t.double().numpy() for t in model(rows))
-    rows = rows.double().numpy()
-    for name, s in (("a", slice(0, d_a)), ("b", slice(d_a, None))):  # over the whole buffer, by numpy
-        ev = 1 - ((rows[:, s] - x_hat[:, s]) ** 2).sum() / ((rows[:, s] - rows[:, s].mean(axis=0)) ** 2).sum()
-        assert metrics[f"mean_explained_variance_{name}"] == pytest.approx(ev, rel=1e-5)
-    assert metrics["mean_explained_variance"] > 0.9 and metrics["mean_explained_variance"] == pytest.approx(
-        (metrics["mean_explained_variance_a"] + metrics["mean_explained_variance_b"]) / 2)
-    assert metrics["l0"] == pytest.approx((f > 0).sum(axis=1).mean())
+    expected = _span(rows.double().numpy(), f, x_hat, d_a)  # over the whole buffer, centred on its mean, by numpy
+    assert {name: metrics[name] for name in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert metrics["mean_explained_variance"] > 0.9 and 4 <= metrics["l0"] <= 10
+    assert (metrics["median_input_norm"], metrics["median_error_norm"]) == pytest.approx(
+        (np.median(np.linalg.norm(rows.numpy(), axis=1)), np.median(np.linalg.norm(rows.numpy() - x_hat, axis=1))),
+        rel=1e-5)
+    assert "switch_identity_mse_b" not in metrics  # d_a != d_b: no identity baseline
+    assert metrics["beats_switch_linear"] == (metrics["explained_variance_b"]
+                                              > metrics["switch_linear_explained_variance_b"])
     history = pd.read_csv(OUT_DIR / "history.csv")
-    seed_names = ["total_inactive", "mean_active", "mean_active_pct", "max_active", "max_active_pct", "min_active",
-                  "min_active_pct", "total_dead_neurons", "total_neurons", "pct_dead_neurons",
-                  "mean_explained_variance", "mean_explained_variance_a", "mean_explained_variance_b"]
     assert list(history.step) == list(range(50, 501, 50))
-    assert set(seed_names + ["loss", "mse", "l1", "l0", "lr", "lambda", "grad_norm"]) <= set(history.columns)
+    assert set(SEED_NAMES + ["loss", "l1", "l0", "lr", "lambda", "grad_norm", "explained_variance_b", "mse_b",
+                             "median_input_norm", "median_error_norm"]) <= set(history.columns)
+    epochs = pd.read_csv(OUT_DIR / "epochs.csv")  # 32 batches an epoch: 15 epochs and 20 steps of a 16th
+    assert list(epochs.epoch) == list(range(16)) and list(epochs.step) == [*range(32, 481, 32), 500]
+    assert set(SEED_NAMES) <= set(epochs.columns)
     assert (OUT_DIR / "plots" / "training.png").stat().st_size > 0
     assert [p.name for p in Checkpoints(OUT_DIR / "checkpoints", "step").all()] == [  # keep_checkpoints: 2
         "step_00000250.pt", "step_00000500.pt"]
-    assert sorted(p.name for p in OUT_DIR.iterdir()) == ["checkpoints", "history.csv", "metrics.json", "model.pt",
-                                                         "plots"]  # nothing staged left, no lock
+    assert sorted(p.name for p in OUT_DIR.iterdir()) == ["checkpoints", "epochs.csv", "history.csv", "metrics.json",
+                                                         "model.pt", "plots"]  # nothing staged left, no lock
 
     client = MlflowClient()
     champion = client.get_model_version_by_alias("crosscoder", "champion")
@@ -432,9 +516,40 @@ def test_training_recovers_a_planted_dictionary_and_registers_a_champion(project
     assert run.data.tags["labpipe.stage"] == "crosscoder_train"
     assert {m.step for m in client.get_metric_history(run.info.run_id, "mean_explained_variance")} == set(
         range(50, 501, 50))
-    assert set(seed_names) <= set(run.data.metrics)
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "epoch_mean_explained_variance")} == set(
+        epochs.step)
+    assert set(SEED_NAMES) <= set(run.data.metrics)
     assert run.data.metrics["final_mean_explained_variance"] == pytest.approx(metrics["mean_explained_variance"])
     assert float(champion.tags["metric.mean_explained_variance"]) == pytest.approx(metrics["mean_explained_variance"])
+
+
+def test_the_switching_baseline_is_numpys_least_squares_map_and_the_identity(tmp_path, repo_params):
+    rng = np.random.default_rng(3)
+    d = 6
+    a = rng.normal(size=(3000, d)) * rng.uniform(0.5, 2, d) + rng.normal(size=d)
+    b = a @ rng.normal(size=(d, d)) * 0.5 + 1.5 * a + rng.normal(size=(3000, d)) * 0.3 + 4
+    buffer = _write(tmp_path / "buffer", np.concatenate([a, b], axis=1).astype(np.float32), d)
+    model = Crosscoder(d, d, 16)
+    model.init_weights("kaiming", True, 0.1, torch.Generator().manual_seed(0))
+    c = build(CrosscoderParams, {**repo_params["crosscoder"], "eval_rows": 5000, "batch_size": 128}, where="test")
+    final = evaluate(model, buffer, c, torch.device("cpu"))  # every row, in 24 chunks
+
+    rows = buffer.to_float(torch.from_numpy(np.array(buffer.array()).view(np.int16)), buffer.scale_vector())
+    x = rows.double().numpy()
+    x_a, x_b = x[:, :d], x[:, d:]
+    design = np.concatenate([x_a, np.ones((len(x), 1))], axis=1)  # the affine map: a column of ones
+    solution = np.linalg.lstsq(design, x_b, rcond=None)[0]
+    predictions = {"linear": design @ solution, "identity": x_a * buffer.scales[1] / buffer.scales[0]}
+    for name, b_hat in predictions.items():
+        expected = _span(x, np.ones((len(x), 1)), np.concatenate([x_a, b_hat], axis=1), d)
+        for metric in ("explained_variance_b", "mean_explained_variance_b", "mse_b"):
+            assert final[f"switch_{name}_{metric}"] == pytest.approx(expected[metric], rel=1e-5), (name, metric)
+    assert final["switch_linear_explained_variance_b"] > 0.9 > final["switch_identity_explained_variance_b"]
+    with torch.no_grad():
+        f, x_hat = (t.double().numpy() for t in model(rows))
+    expected = _span(x, f, x_hat, d)
+    assert {name: final[name] for name in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert final["eval_rows"] == 3000 and final["beats_switch_linear"] is False  # an untrained crosscoder
 
 
 def test_training_without_a_buffer_is_a_clear_error(project, capsys):
@@ -519,7 +634,7 @@ def test_a_run_outside_the_l0_band_is_not_registered_and_a_finished_run_reruns_w
     out = capsys.readouterr().out
     metrics = json.loads((OUT_DIR / "metrics.json").read_text())
     assert metrics["l0"] < 60 and not metrics["in_l0_band"] and metrics["l0_band"] == [60.0, 64.0]
-    assert "not a champion candidate" in out and "final: explained variance" in out
+    assert "not a champion candidate" in out and "final: mean explained variance" in out
     client = MlflowClient()
     assert client.search_registered_models() == []
     run_id = _run_of(directory)
@@ -543,35 +658,136 @@ def test_a_run_outside_the_l0_band_is_not_registered_and_a_finished_run_reruns_w
     assert not (OUT_DIR / "checkpoints" / SUPERSEDED).exists()
 
 
-# ---- the dec_init_norm sweep ----------------------------------------------------------------------------------
+def test_a_run_in_epochs_logs_each_epoch_over_all_its_tokens(project, monkeypatch, capsys):
+    import labpipe.crosscoder.train as train
+
+    directory, repo_params = project
+    # 8192 rows in batches of 768: 11 batches an epoch, the last of 512 rows
+    make_crosscoder_project(directory, repo_params, steps=0, epochs=2, dict_size=64, batch_size=768)
+    real, seen = train.train_step, []  # every step's batch, latents, reconstruction and loss
+
+    def train_step(model, optimizer, x, lr, l1_coef, c):
+        f, x_hat, terms, grad_norm = real(model, optimizer, x, lr, l1_coef, c)
+        seen.append((x.double().numpy(), f.double().numpy(), x_hat.double().numpy(), terms.loss.item(), lr))
+        return f, x_hat, terms, grad_norm
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    assert cli(["crosscoder-train"]) == 0
+    assert len(seen) == 22 and [len(s[0]) for s in seen[:11]] == [768] * 10 + [512]
+    assert seen[-1][4] == pytest.approx(0.01 / 5)  # the lr decays to 0 at step 22: (22 - 21) / (22 - 17)
+    epochs = pd.read_csv(OUT_DIR / "epochs.csv")
+    assert list(epochs.epoch) == [0, 1] and list(epochs.step) == [11, 22]
+    for row, steps in zip(epochs.to_dict("records"), (seen[:11], seen[11:]), strict=True):
+        x, f, x_hat = (np.concatenate(part) for part in zip(*[s[:3] for s in steps], strict=True))
+        centres = np.concatenate([np.broadcast_to(s[0].mean(axis=0), s[0].shape) for s in steps])
+        expected = _span(x, f, x_hat, 32, centres)  # each token centred on its batch's mean
+        assert {name: row[name] for name in expected} == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert row["loss"] == pytest.approx(sum(s[3] * len(s[0]) for s in steps) / len(x), rel=1e-5)
+    out = capsys.readouterr().out
+    assert "Epoch 0 (steps to 11): mean_active " in out and "Epoch 1 (steps to 22)" in out
+    history = pd.read_csv(OUT_DIR / "history.csv")
+    assert list(history.step) == [5, 10, 15, 20, 22] and history.epoch.iloc[-1] == 2
+    for step, total_inactive in zip(history.step, history.total_inactive, strict=True):  # over the epoch so far
+        first = (step - 1) // 11 * 11
+        fired = np.concatenate([s[1] for s in seen[first:step]]).max(axis=0) > 0
+        assert total_inactive == (~fired).sum(), step
+
+    client = MlflowClient()
+    run_id = _run_of(directory)
+    params = client.get_run(run_id).data.params
+    assert (params["crosscoder.steps"], params["crosscoder.epochs"]) == ("22", "0")  # the length in steps
+    assert {m.step for m in client.get_metric_history(run_id, "epoch_total_inactive")} == {11, 22}
+    # the same length given in steps is the same run, finished
+    assert cli(["crosscoder-train", "--set=crosscoder.steps=22", "--set=crosscoder.epochs=0"]) == 0
+    assert "resuming from artifacts/crosscoder/checkpoints/step_00000022.pt (step 22)" in capsys.readouterr().out
+    assert _run_of(directory) == run_id
 
 
-def test_sweep_plot_takes_the_newest_comparable_run_per_dec_init_norm(mlflow_store, repo_params, tmp_path):
+def test_a_run_stopped_inside_an_epoch_resumes_to_the_same_records(tmp_path, mlflow_store, repo_params, monkeypatch):
+    import labpipe.crosscoder.train as train
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    for directory in (straight, stopped):  # 16 batches an epoch, 40 steps, a checkpoint every 5
+        directory.mkdir()
+        make_crosscoder_project(directory, repo_params)
+    monkeypatch.chdir(straight)
+    assert cli(["crosscoder-train"]) == 0
+
+    monkeypatch.chdir(stopped)
+    real, calls = train.train_step, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 23:  # in epoch 1, after the checkpoint of step 20
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    assert cli(["crosscoder-train"]) == 130
+    monkeypatch.setattr(train, "train_step", real)
+    assert cli(["crosscoder-train"]) == 0
+    for name in ("epochs.csv", "history.csv"):
+        frames = [pd.read_csv(directory / OUT_DIR / name) for directory in (straight, stopped)]
+        pd.testing.assert_frame_equal(*frames)
+    assert list(frames[0].step) == list(range(5, 41, 5))
+    assert list(pd.read_csv(stopped / OUT_DIR / "epochs.csv").step) == [16, 32, 40]
+    metrics = [json.loads((directory / OUT_DIR / "metrics.json").read_text()) for directory in (straight, stopped)]
+    assert metrics[0] == metrics[1]
+
+
+@pytest.mark.parametrize(("sets", "said"), [
+    (["crosscoder.epochs=2"], "crosscoder.steps=40, crosscoder.epochs=2: give the run length as one of them"),
+    (["crosscoder.steps=0"], "crosscoder.steps=0, crosscoder.epochs=0: give the run length as one of them"),
+    (["crosscoder.decoder_norm_in_penalty=true"], "crosscoder.decoder_norm_in_penalty"),
+])
+def test_a_length_given_twice_or_not_at_all_and_an_old_penalty_flag_are_one_line_errors(project, capsys, sets, said):
+    directory, repo_params = project
+    make_crosscoder_project(directory, repo_params)
+    assert cli(["crosscoder-train", *(f"--set={s}" for s in sets)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0], err
+    assert not (directory / OUT_DIR).exists()
+
+
+# ---- the penalty x dec_init_norm sweep ------------------------------------------------------------------------
+
+
+def test_sweep_plot_takes_the_newest_comparable_run_per_penalty_and_dec_init_norm(mlflow_store, repo_params,
+                                                                                    tmp_path):
     base = flatten(build(CrosscoderParams, repo_params["crosscoder"], where="test"), "crosscoder.")
     experiment = mlflow.create_experiment("crosscoders")
 
-    def run(norm: float, dead: float, status: str = "FINISHED", **changed) -> None:
+    def run(penalty: str, norm: float, dead: float, status: str = "FINISHED", metrics=SWEEP_COLUMNS,
+            **changed) -> None:
         time.sleep(0.01)  # distinct start times
         with mlflow.start_run(experiment_id=experiment, tags={"labpipe.stage": "crosscoder_train"}):
-            mlflow.log_params({**base, "crosscoder.dec_init_norm": norm, **changed})
-            mlflow.log_metrics({f"final_{name}": value for name, value in (
-                ("mean_explained_variance", 0.5 + norm / 10), ("mean_explained_variance_a", 0.5),
-                ("mean_explained_variance_b", 0.5 + norm / 5), ("pct_dead_neurons", dead),
-                ("total_dead_neurons", dead * 256), ("l0", 20.0))})
+            mlflow.log_params({**base, "crosscoder.decoder_norm_in_penalty": penalty,
+                               "crosscoder.dec_init_norm": norm, **changed})
+            mlflow.log_metrics({f"final_{name}": dead if name == "pct_dead_neurons" else 0.5 for name in metrics})
             if status != "FINISHED":
                 mlflow.end_run(status)
 
-    run(0.1, 0.9, **{"crosscoder.l1_coef": 5.0})  # another setting: not part of this sweep
-    run(0.1, 0.5)  # superseded by the newer run at 0.1
-    for norm, dead in ((0.03, 0.3), (0.1, 0.1), (1.0, 0.8)):
-        run(norm, dead, **{"crosscoder.device": "cuda"})  # where it ran does not matter
-    run(0.12, 0.0, status="FAILED")
+    run("full", 0.1, 0.9, **{"crosscoder.l1_coef": 5.0})  # another setting: not part of this sweep
+    run("full", 0.1, 0.5)  # superseded by the newer run at (full, 0.1)
+    run("none", 0.3, 0.2, metrics=SWEEP_COLUMNS[:3])  # an older labpipe's run, without the baseline
+    for penalty, norm, dead in (("full", 0.03, 0.3), ("full", 0.1, 0.1), ("detached", 0.08, 0.2),
+                                ("full", 1.0, 0.8), ("detached", 0.1, 0.4)):
+        run(penalty, norm, dead, **{"crosscoder.device": "cuda"})  # where it ran does not matter
+    run("full", 0.12, 0.0, status="FAILED")
     out = tmp_path / "sweep.png"
     table = plot_sweep(mlflow_store, out)
-    assert list(table.dec_init_norm) == [0.03, 0.1, 1.0]
-    assert list(table.pct_dead_neurons) == [0.3, 0.1, 0.8]
+    assert list(zip(table.decoder_norm_in_penalty, table.dec_init_norm, table.pct_dead_neurons, strict=True)) == [
+        ("detached", 0.08, 0.2), ("detached", 0.1, 0.4), ("full", 0.03, 0.3), ("full", 0.1, 0.1), ("full", 1.0, 0.8)]
     assert out.stat().st_size > 0
     pd.testing.assert_frame_equal(pd.read_csv(out.with_suffix(".csv")), table)
+
+
+def test_make_sweep_crosscoder_queues_every_penalty_at_every_norm_including_the_labs_0_08():
+    queued = make_queued("sweep-crosscoder")
+    norms = [0.03, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 1]
+    assert sorted(map(sorted, queued)) == sorted(
+        sorted([f"crosscoder.decoder_norm_in_penalty={p}", f"crosscoder.dec_init_norm={n:g}"])
+        for p in ("none", "detached", "full") for n in norms)  # 24 runs, each once
 
 
 # ---- CUDA -------------------------------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from conftest import write_params
+from conftest import REPO, run_labpipe, write_params
+from labpipe.cli import profile_flags
 from labpipe.config import load_params
 from labpipe.dormancy import plots
 from labpipe.dormancy.analysis import run_dormancy
@@ -23,6 +24,8 @@ from labpipe.dormancy.results import COLUMNS
 from labpipe.synth.manifest import MANIFEST, Shard, write_manifest
 
 WORDS = "the a dog cat ran sat on mat . big small red".split()
+# The lab's 10 Pythia checkpoints: the steps of its first_results_Pythia-70m-dedup (seed 003)
+SEED_STEPS = [1000, 14000, 46000, 78000, 94000, 110000, 126000, 133000, 138000, 143000]
 TEXTS = ["the dog ran .", "a big red cat sat on the mat .", "the cat .", "a small dog sat on a red mat . the end"]
 
 
@@ -245,29 +248,118 @@ def test_the_cli_quick_flag_and_the_plot_verb(text_project):
     done = subprocess.run([sys.executable, "-m", "labpipe", "dormancy", "--quick", "--device", "cpu",
                            "--thresholds", "0,0.1"], cwd=directory, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
-    results = pd.read_csv(directory / "artifacts/dormancy/results.csv")
+    # a CSV of its own beside the stage's, which stays untouched
+    assert not (directory / "artifacts/dormancy/results.csv").exists()
+    results = pd.read_csv(directory / "artifacts/dormancy/quick/test_results.csv")
     assert sorted(results.step.unique()) == [10, 20] and sorted(results.threshold.unique()) == [0.0, 0.1]
-    settings = json.loads((directory / "artifacts/dormancy/results.csv.settings.json").read_text())
+    settings = json.loads((directory / "artifacts/dormancy/quick/test_results.csv.settings.json").read_text())
     assert settings["samples"] == 100  # --quick's, over params.yaml's 500
-    plotted = subprocess.run([sys.executable, "-m", "labpipe", "dormancy-plot", "artifacts/dormancy/results.csv",
-                              "--no-show", "--save-prefix", "p/"], cwd=directory, capture_output=True, text=True)
+    assert (directory / "artifacts/dormancy/quick/plots/dormancy_heatmap.png").exists()
+    plotted = subprocess.run([sys.executable, "-m", "labpipe", "dormancy-plot",
+                              "artifacts/dormancy/quick/test_results.csv", "--no-show", "--save-prefix", "p/"],
+                             cwd=directory, capture_output=True, text=True)
     assert plotted.returncode == 0, plotted.stderr
     assert "threshold 0.1: 2 revisions, 2 layers" in plotted.stdout
     assert (directory / "p/dormancy_heatmap.png").exists()
+
+
+def hub_cache(cache: Path, name: str, arch: str, steps) -> dict[int, torch.nn.Module]:
+    """Models at hub revisions step<N>, in a cache laid out like the hub's (what from_pretrained reads offline)."""
+    repo = cache / f"models--{name.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    models = {}
+    for step in steps:
+        commit = f"{step:040x}"
+        models[step] = build(arch, seed=step)
+        models[step].save_pretrained(repo / "snapshots" / commit)
+        tokenizer().save_pretrained(repo / "snapshots" / commit)
+        (repo / "refs" / f"step{step}").write_text(commit)
+    return models
+
+
+def test_the_pythia_profile_is_the_seeds_full_analysis():
+    flags = profile_flags(str(REPO / "params.yaml"), str(REPO / "params.pythia.yaml"))  # checked by the schema
+    d = load_params(REPO / "params.yaml", [flag.removeprefix("-S ") for flag in flags]).dormancy
+    assert d.model == "EleutherAI/pythia-70m-deduped"
+    assert d.revisions == tuple(f"step{step}" for step in SEED_STEPS) and d.max_revisions == 0
+    assert (d.samples, d.batch_size, d.thresholds, d.layers) == (500, 8, (0.0, 0.025, 0.1), ())
+    assert d.text_source == "NeelNanda/pile-10k" and (d.text_split, d.text_field) == ("train", "text")
+    assert d.output_csv == "artifacts/pythia/pythia_analysis.csv"
+
+
+def test_quick_on_the_pythia_profile_is_the_seeds_quick_test(text_project, tmp_path):
+    """--profile params.pythia.yaml --quick: step1000 and step14000 of the hub model, 100 samples, every tau, into
+    test_pythia_analysis.csv; each revision's numbers from its own weights, recomputed by hand."""
+    directory, _repo_params = text_project
+    cache = tmp_path / "hub"
+    models = hub_cache(cache, "EleutherAI/pythia-70m-deduped", "gpt_neox", SEED_STEPS[:2])  # no other revision
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-m", "labpipe", "dormancy", "--profile", str(REPO / "params.pythia.yaml"),
+                           "--quick", "--device", "cpu", "--set", f"dormancy.text_source={directory / 'stories.txt'}"],
+                          cwd=directory, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    csv = directory / "artifacts/pythia/quick/test_pythia_analysis.csv"
+    results = pd.read_csv(csv)
+    assert set(results.model) == {"EleutherAI/pythia-70m-deduped"}
+    assert list(results.revision.unique()) == ["step1000", "step14000"] and list(results.step.unique()) == [1000, 14000]
+    assert json.loads(Path(f"{csv}.settings.json").read_text())["samples"] == 100
+    thresholds = [0.0, 0.025, 0.1]
+    for step, model in models.items():
+        got = results[results.step == step].sort_values(["threshold", "layer_index"])
+        expected = expected_rows(model, TEXTS, thresholds)
+        assert list(got.threshold) == [e["threshold"] for e in expected]
+        assert list(got.layer_name) == ["gpt_neox.layers.0.mlp.act", "gpt_neox.layers.1.mlp.act"] * 3
+        assert list(got.num_dormant) == [e["num_dormant"] for e in expected]
+        assert list(got.avg_activation) == pytest.approx([e["avg_activation"] for e in expected], rel=1e-5)
+        assert list(got.max_activation) == pytest.approx([e["max_activation"] for e in expected], rel=1e-5)
+    # the full analysis' CSV and the stage's are not touched
+    assert not (directory / "artifacts/pythia/pythia_analysis.csv").exists()
+    assert not (directory / "artifacts/dormancy/results.csv").exists()
+
+
+def test_layers_analyses_the_chosen_layers_only(text_project):
+    directory, repo_params = text_project
+    models = save_revisions(directory / "ckpt", "llama", steps=(10,))
+    _params(directory, repo_params)
+    done = run_labpipe(directory, ["dormancy", "--layers", "1", "--thresholds", "0,0.5"])
+    assert done.returncode == 0, done.stderr
+    results = pd.read_csv("artifacts/dormancy/results.csv")
+    layer_1 = [e for e in expected_rows(models[10], TEXTS, [0.0, 0.5]) if e["layer_index"] == 1]
+    assert list(results.layer_index) == [1, 1] and set(results.layer_name) == {"model.layers.1.mlp.down_proj"}
+    assert list(results.num_dormant) == [e["num_dormant"] for e in layer_1] and layer_1[0]["num_dormant"] == 4
+    assert list(results.avg_activation) == pytest.approx([e["avg_activation"] for e in layer_1], rel=1e-5)
+    # other layers into the same CSV: refused, since its revisions would count as complete
+    other = run_labpipe(directory, ["dormancy", "--layers", "0", "--thresholds", "0,0.5"])
+    assert other.returncode == 2 and "'layers': [1]" in other.stderr and "'layers': [0]" in other.stderr
+    # listed in any order: analysed in layer order
+    run_dormancy(_params(directory, repo_params, layers=[1, 0], output_csv="both.csv"))
+    assert list(pd.read_csv("both.csv").layer_index) == [0, 1] * 3
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--layers", "0,5,7"], "dormancy.layers: no layer 5, 7 in ckpt/step_00000010 (2 decoder layers: 0..1)"),
+    (["--layers", "1,0,1"], "dormancy.layers lists layer 1 more than once"),
+    (["--layers", "-1"], "dormancy.layers[0] must be >= 0, got -1"),
+    (["--layers", "one"], "dormancy.layers[0] must be int, got str 'one'"),
+    (["--profile", "missing.yaml"], "missing.yaml: no such file"),
+    (["--profile", "typo.yaml"], "unknown key 'dormancy.modle'"),
+])
+def test_bad_layers_and_profiles_are_one_line(text_project, flags, message):
+    directory, repo_params = text_project
+    save_revisions(directory / "ckpt", "llama", steps=(10,))
+    _params(directory, repo_params)
+    (directory / "typo.yaml").write_text("dormancy:\n  modle: ckpt\n")
+    done = run_labpipe(directory, ["dormancy", "--model", "ckpt", "--device", "cpu", *flags])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if "error" in line]  # besides progress bars
+    assert line.startswith("labpipe dormancy: error: ") and message in line, line
 
 
 def test_hub_revisions_resolve_offline_from_a_local_cache(text_project, tmp_path):
     """from_pretrained(name, revision="step10"): the real hub path, served by a cache laid out like the hub's."""
     directory, repo_params = text_project
     cache = tmp_path / "hub"
-    repo = cache / "models--lab--tiny"
-    models = {}
-    for step, commit in ((10, "a" * 40), (20, "b" * 40)):
-        models[step] = build("llama", seed=step)
-        models[step].save_pretrained(repo / "snapshots" / commit)
-        tokenizer().save_pretrained(repo / "snapshots" / commit)
-        (repo / "refs").mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / f"step{step}").write_text(commit)
+    models = hub_cache(cache, "lab/tiny", "llama", (10, 20))
     _params(directory, repo_params, model="lab/tiny", revisions=["step10", "step20"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     done = subprocess.run([sys.executable, "-m", "labpipe", "dormancy"], cwd=directory, capture_output=True,

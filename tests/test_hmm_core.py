@@ -24,6 +24,7 @@ from labpipe.hmm import (
     next_token_log_probs,
     pad_batches,
 )
+from labpipe.hmm.forward_backward import sequence_scores
 
 EPS = 1e-14
 
@@ -129,6 +130,17 @@ def test_next_token_log_probs_match_brute_force(n_states, n_symbols, seed):
             expected = np.log(brute_next_token_probs(hmm, x[:t]))
             np.testing.assert_allclose(ours[row, t].numpy(), expected, rtol=1e-12)
         assert ours[row, len(x):].isnan().all()  # padding is marked, never a plausible number
+
+
+@pytest.mark.parametrize("n_states,n_symbols,seed", TINY)
+def test_sequence_scores_match_brute_force(n_states, n_symbols, seed):
+    """log p(x) and the final token's prediction of one forward pass, length-1 sequences (start) included."""
+    hmm = HMM.random(n_states, n_symbols, seed)
+    sequences = random_sequences(np.random.default_rng(seed), 10, 5, n_symbols) + [np.array([1])]
+    ll, final = sequence_scores(hmm, *one_batch(sequences))
+    for row, x in enumerate(sequences):
+        assert float(ll[row]) == pytest.approx(brute_log_likelihood(hmm, x), rel=1e-12)
+        np.testing.assert_allclose(final[row].numpy(), np.log(brute_next_token_probs(hmm, x[:-1])), rtol=1e-12)
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-3])
@@ -246,6 +258,25 @@ def test_full_batch_em_never_decreases_the_likelihood():
     steps = np.diff(history)
     assert (steps >= -1e-9 * abs(history[0])).all(), history
     assert history[-1] - history[0] > 1.0  # it did learn something
+
+
+@pytest.mark.parametrize("backend_name", sorted(BACKENDS))
+def test_update_freq_0_is_one_m_step_on_the_whole_epochs_counts(backend_name):
+    """The seed's update_freq-all: the M-step of the summed brute-force counts of every batch, once."""
+    rng = np.random.default_rng(14)
+    sequences = random_sequences(rng, 11, 4, 3)
+    start = HMM.random(2, 3, seed=14)
+    backend = BACKENDS[backend_name](start)
+    result = em_epoch(backend, pad_batches(sequences, 3, shuffle_seed=0), update_freq=0, eps=EPS, epoch=1)
+    counts = brute_counts(start, sequences)  # every batch under the initial parameters: no update in between
+    leaving = counts["transition"].sum(1) + counts["end"]
+    expected = HMM(*(torch.from_numpy(t) for t in (counts["start"] / counts["start"].sum(),
+                                                    counts["transition"] / leaving[:, None], counts["end"] / leaving,
+                                                    counts["emission"] / counts["emission"].sum(1, keepdims=True))))
+    for name in ("start", "transition", "end", "emission"):
+        torch.testing.assert_close(getattr(backend.hmm, name), getattr(expected.floored(EPS), name), rtol=1e-9,
+                                   atol=1e-12)
+    assert result.log_likelihood == pytest.approx(sum(brute_log_likelihood(start, x) for x in sequences), rel=1e-12)
 
 
 @pytest.mark.parametrize("backend_name", sorted(BACKENDS))

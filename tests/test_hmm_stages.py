@@ -17,14 +17,14 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import write_params
+from conftest import REPO, make_queued, run_labpipe, write_params
 from labpipe import checkpoint, registry
 from labpipe.checkpoint import Checkpoints
 from labpipe.config import load_params
 from labpipe.errors import InputError
 from labpipe.files import sha256_file
 from labpipe.hmm import HMM, TorchBackend, em_epoch, pad_batches
-from labpipe.hmm.evaluate import Baselines, evaluate, run_eval
+from labpipe.hmm.evaluate import Baselines, evaluate, run_eval, summarize
 from labpipe.hmm.train import HISTORY_COLUMNS, OUT_DIR, read_sequences, run_train
 from labpipe.text import load_stories, read_token_file
 from labpipe.text.stages import TOKEN_STATS, corpus_file, run_corpus, run_tokenize, token_dir
@@ -71,12 +71,18 @@ def test_final_token_cross_entropy_and_kl_match_brute_force():
             assert result.final_kl[name][i] == pytest.approx(np.sum(p_hmm * np.log(p_hmm / p)), rel=1e-9, abs=1e-12)
 
     counts = collections.Counter(x.tobytes() for x in test)
-    np.testing.assert_array_equal(result.unique, [counts[x.tobytes()] == 1 for x in test])
-    summary = result.summary()
-    assert summary["sequences"] == {"overall": 12, "unique": int(result.unique.sum()),
-                                    "duplicated": 12 - int(result.unique.sum())}
-    dup = ~result.unique
+    np.testing.assert_array_equal(result.singleton, [counts[x.tobytes()] == 1 for x in test])
+    deduplicated = list({x.tobytes(): x for x in reversed(test)}.values())  # each distinct sequence once
+    summary = summarize(result, evaluate(hmm, baselines, deduplicated, batch_size=5))
+    singletons = int(result.singleton.sum())
+    assert summary["sequences"] == {"overall": 12, "unique": len(counts), "singletons": singletons,
+                                    "duplicated": 12 - singletons}
+    assert singletons == sum(c == 1 for c in counts.values()) < len(counts) < 12
+    dup = ~result.singleton
     assert summary["final_token_ce"]["duplicated"]["hmm"] == pytest.approx(result.final_ce["hmm"][dup].mean())
+    # unique: the mean over the distinct sequences, each once (test[0] counted once, not three times)
+    first_copies = [i for i, x in enumerate(test) if all(not np.array_equal(x, y) for y in test[:i])]
+    assert summary["final_token_ce"]["unique"]["hmm"] == pytest.approx(result.final_ce["hmm"][first_copies].mean())
 
     # per position: the mean over the sequences that reach it of -log p(x_t | x_<t), by brute force
     for t in range(5):
@@ -89,7 +95,8 @@ def test_final_token_cross_entropy_and_kl_match_brute_force():
 def test_an_empty_subset_is_reported_as_null_not_nan():
     hmm = HMM.random(2, 3, seed=1)
     test = [np.array([1, 0]), np.array([2, 1, 0])]  # no duplicates
-    summary = evaluate(hmm, Baselines.fit(test, 3, 1e-6), test, batch_size=4).summary()
+    result = evaluate(hmm, Baselines.fit(test, 3, 1e-6), test, batch_size=4)
+    summary = summarize(result, result)
     assert summary["sequences"]["duplicated"] == 0
     assert summary["final_token_ce"]["duplicated"] == {"hmm": None, "uniform": None, "unigram": None, "bigram": None}
     json.dumps(summary, allow_nan=False)  # valid JSON for DVC
@@ -186,6 +193,25 @@ def _pomegranate_heldout_ll_per_token(hmm: HMM, sequences) -> float:
     return total / sum(map(len, sequences))
 
 
+def _numpy_final_token_scores(hmm: HMM, sequences) -> dict[str, float]:
+    """The per-epoch held-out means, by a plain numpy forward pass over each sequence's prefix: the final
+    token's -log p(x_{L-1} | x_<L-1, a symbol follows), and the seed's test-loss formula, cross_entropy over
+    the predicted probabilities taken as logits: log sum_e exp p_e - p_{x_{L-1}}."""
+    start, transition, emission = (getattr(hmm, name).double().numpy() for name in ("start", "transition", "emission"))
+    final_ce, seed_loss = [], []
+    for x in sequences:
+        state = start
+        if len(x) > 1:
+            alpha = start * emission[:, x[0]]
+            for symbol in x[1:-1]:
+                alpha = (alpha / alpha.sum()) @ transition * emission[:, symbol]
+            state = alpha @ transition
+        probs = (state / state.sum()) @ emission
+        final_ce.append(-math.log(probs[x[-1]]))
+        seed_loss.append(math.log(np.exp(probs).sum()) - probs[x[-1]])
+    return {"final_ce": float(np.mean(final_ce)), "seed_loss": float(np.mean(seed_loss))}
+
+
 def test_hmm_train_logs_every_epoch_keeps_the_best_and_registers_a_champion(tokenized):
     params = load_params("params.yaml")
     run_train(params)
@@ -228,6 +254,23 @@ def test_hmm_train_logs_every_epoch_keeps_the_best_and_registers_a_champion(toke
     assert _pomegranate_heldout_ll_per_token(final, read_sequences("test", params.hmm)) == pytest.approx(
         metrics["final_heldout_ll_per_token"], rel=1e-9)
 
+    # the seed's curves: the final token's cross-entropy on the full and the deduplicated test set
+    test, test_unique = read_sequences("test", params.hmm), read_sequences("test", params.hmm, unique=True)
+    assert len({x.tobytes() for x in test}) == len(test_unique) < len(test)  # the tiny corpus repeats sentences
+    full, unique = _numpy_final_token_scores(final, test), _numpy_final_token_scores(final, test_unique)
+    last_row = history.iloc[-1]
+    assert last_row.test_final_ce == pytest.approx(full["final_ce"], rel=1e-9)
+    assert last_row.test_unique_final_ce == pytest.approx(unique["final_ce"], rel=1e-9)
+    assert last_row.seed_test_loss == pytest.approx(full["seed_loss"], rel=1e-9)
+    assert last_row.seed_test_loss_unique == pytest.approx(unique["seed_loss"], rel=1e-9)
+    assert metrics["final_test_final_ce"] == last_row.test_final_ce
+    train_tokens = sum(map(len, read_sequences("train", params.hmm)))
+    assert list(history.tokens_seen) == [train_tokens, 2 * train_tokens, 3 * train_tokens] == \
+        [m.value for m in client.get_metric_history(run.info.run_id, "tokens_seen")]
+    for name in ("checkpoint_seconds", "eval_seconds"):  # the seed's save time, and the evaluation's
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [1, 2, 3]
+    assert (OUT_DIR / "plots" / "final_ce.png").stat().st_size > 0
+
 
 def test_both_backends_give_the_same_training_history(tokenized):
     histories = {}
@@ -239,6 +282,60 @@ def test_both_backends_give_the_same_training_history(tokenized):
         histories[backend] = pd.read_csv(OUT_DIR / "history.csv")
     for column in ("train_ll_per_token", "heldout_ll_per_token"):
         np.testing.assert_allclose(histories["torch"][column], histories["pomegranate"][column], rtol=1e-6)
+
+
+def test_train_unique_reads_each_distinct_sentence_once_per_epoch(tokenized):
+    params = load_params("params.yaml", ["hmm.train_unique=true", "hmm.epochs=2", "hmm.update_freq=0"])
+    train = read_sequences("train", params.hmm)
+    distinct = {x.tobytes(): x for x in train}
+    assert len(distinct) < len(train)  # the tiny corpus repeats sentences: the two runs differ
+    run_train(params)
+    history = pd.read_csv(OUT_DIR / "history.csv")
+    tokens = sum(map(len, distinct.values()))
+    assert list(history.tokens_seen) == [tokens, 2 * tokens]
+    run = MlflowClient().get_run(checkpoint.load(Checkpoints(CHECKPOINTS, "epoch").all()[-1])["state"]["run_id"])
+    assert int(run.data.tags["train_sequences"]) == len(distinct)
+    assert run.data.params["hmm.train_unique"] == "True" and run.data.params["hmm.update_freq"] == "0"
+
+
+def test_hmm_eval_on_a_saved_model_writes_beside_the_stages_eval(tokenized):
+    directory, _ = tokenized
+    params = load_params("params.yaml")
+    run_train(params)
+    run_eval(params)
+    stage = json.loads((OUT_DIR / "eval/metrics.json").read_text())
+    done = run_labpipe(directory, ["hmm-eval", "--model", "models:/hmm-K100@champion"])
+    assert done.returncode == 0, done.stderr
+    champion = json.loads((OUT_DIR / "eval-models_hmm-K100@champion/metrics.json").read_text())
+    assert champion == stage  # the champion is the run's model.pt
+    first = Checkpoints(CHECKPOINTS, "epoch").all()[0]
+    done = run_labpipe(directory, ["hmm-eval", "--model", str(first)])
+    assert done.returncode == 0, done.stderr
+    early = json.loads((OUT_DIR / f"eval-{str(first).replace('/', '_')}/metrics.json").read_text())
+    hmm = HMM.from_state_dict(checkpoint.load(first)["parts"]["model"])
+    for subset, sequences in (("overall", read_sequences("test", params.hmm)),
+                              ("unique", read_sequences("test", params.hmm, unique=True))):
+        assert early["final_token_ce"][subset]["hmm"] == pytest.approx(
+            _numpy_final_token_scores(hmm, sequences)["final_ce"], rel=1e-9)
+    assert json.loads((OUT_DIR / "eval/metrics.json").read_text()) == stage  # the stage's own eval untouched
+    for model, message in (("nope.pt", "nope.pt: no such file"),
+                           ("models:/hmm-K999@champion", "models:/hmm-K999@champion: cannot load the model"),
+                           (str(OUT_DIR / "history.csv"), "history.csv")):
+        done = run_labpipe(directory, ["hmm-eval", "--model", model])
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+
+
+def test_make_sweep_hmm_grids_hs_by_ks_or_pairs_hs_with_batches():
+    assert sorted(map(sorted, make_queued("sweep-hmm", "HS=16 32", "KS=100 200"))) == sorted(
+        sorted([f"hmm.hidden_states={h}", f"hmm.vocab_size={k}"]) for h in (16, 32) for k in (100, 200))
+    paired = make_queued("sweep-hmm", "HS=100 200 300", "BATCHES=1024 256 128", "KS=100")  # the seed's arrays
+    assert sorted(map(sorted, paired)) == sorted(
+        sorted([f"hmm.hidden_states={h}", f"hmm.batch_size={b}", "hmm.vocab_size=100"])
+        for h, b in ((100, 1024), (200, 256), (300, 128)))
+    unequal = subprocess.run(["make", "-n", "sweep-hmm", "HS=1 2", "BATCHES=3"], cwd=REPO, capture_output=True,
+                             text=True)
+    assert unequal.returncode != 0
+    assert "sweep-hmm: HS has 2 values and BATCHES 1: paired lists must be equally long" in unequal.stderr
 
 
 def test_a_run_over_the_memory_budget_refuses_to_start_with_its_estimate(tokenized):

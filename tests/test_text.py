@@ -10,12 +10,14 @@ import pytest
 from labpipe.errors import InputError
 from labpipe.text import (
     build_vocab,
+    detokenize,
+    distinct,
     generate_stories,
     iter_token_file,
     load_stories,
     read_token_file,
     sentences,
-    split_unique,
+    split_singletons,
     tokenize_corpus,
     words,
     write_token_file,
@@ -65,19 +67,20 @@ def test_tokenize_corpus_by_hand(tmp_path):
     assert (tmp_path / "K10" / "tokens.txt").read_text() == "1 2 3 0\n1 7 3 0\n4 2 9 0\n1 2 3 0\n1 6 8 5 0\n"
     assert stats[4] == {
         "sentences_total": 5, "sentences_kept": 2, "kept_fraction": 0.4, "tokens": 8,
-        "unique_sentences": 0, "duplicated_sentences": 2, "distinct_sentences": 1,
+        "singleton_sentences": 0, "duplicated_sentences": 2, "distinct_sentences": 1,
         "length_histogram": {"4": 2}, "max_length": 4,
     }  # fmt: skip
     assert stats[10] == {
         "sentences_total": 5, "sentences_kept": 5, "kept_fraction": 1.0, "tokens": 21,
-        "unique_sentences": 3, "duplicated_sentences": 2, "distinct_sentences": 4,
+        "singleton_sentences": 3, "duplicated_sentences": 2, "distinct_sentences": 4,
         "length_histogram": {"4": 4, "5": 1}, "max_length": 5,
     }  # fmt: skip
     for k in (4, 10):
         assert json.loads((tmp_path / f"K{k}" / "stats.json").read_text()) == stats[k]
         tokens = read_token_file(tmp_path / f"K{k}" / "tokens.txt", vocab_size=k)  # validates: ids < K, ends with 0
-        unique_once, duplicated = split_unique(tokens)
-        assert (len(unique_once), len(duplicated)) == (stats[k]["unique_sentences"], stats[k]["duplicated_sentences"])
+        singletons, duplicated = split_singletons(tokens)
+        assert (len(singletons), len(duplicated)) == (stats[k]["singleton_sentences"], stats[k]["duplicated_sentences"])
+        assert len(distinct(tokens)) == stats[k]["distinct_sentences"]
 
 
 def test_tokenize_corpus_is_deterministic_and_needs_the_same_stories_twice(tmp_path):
@@ -128,7 +131,7 @@ def test_generated_corpus_has_a_long_tail_that_top_k_filtering_cuts(tmp_path):
     stats = tokenize_corpus(lambda: generate_stories(300, seed=0), ks=[100, 500], out_dir=tmp_path)
     assert 0.2 < stats[100]["kept_fraction"] < 0.8
     assert stats[100]["kept_fraction"] < stats[500]["kept_fraction"]
-    assert stats[100]["unique_sentences"] > 0 and stats[100]["duplicated_sentences"] > 0
+    assert stats[100]["singleton_sentences"] > 0 and stats[100]["duplicated_sentences"] > 0
     counts = collections.Counter(word for story in generate_stories(300, seed=0) for word in words(story))
     assert len(counts) > 400
     assert {'"', ",", "don't", "let's"} <= counts.keys()
@@ -232,8 +235,109 @@ def test_read_token_file_errors_name_the_file_and_line(tmp_path, content, why):
         read_token_file(path, vocab_size=5)
 
 
-def test_split_unique_partitions_by_exact_repeats_in_file_order():
+def test_split_singletons_partitions_by_exact_repeats_in_file_order():
     sentences_in = [np.array([1, 0]), np.array([2, 0]), np.array([1, 0]), np.array([1, 2, 0]), np.array([2, 1, 0])]
-    unique_once, duplicated = split_unique(sentences_in)
-    assert [ids.tolist() for ids in unique_once] == [[2, 0], [1, 2, 0], [2, 1, 0]]
+    singletons, duplicated = split_singletons(sentences_in)
+    assert [ids.tolist() for ids in singletons] == [[2, 0], [1, 2, 0], [2, 1, 0]]
     assert [ids.tolist() for ids in duplicated] == [[1, 0], [1, 0]]
+
+
+def test_distinct_keeps_each_sentence_once_at_its_first_occurrence():
+    sentences_in = [np.array([1, 0]), np.array([2, 0]), np.array([1, 0]), np.array([1, 2, 0]), np.array([2, 0]),
+                    np.array([1, 0], dtype=np.int64)]  # the same ids in another dtype are the same sentence
+    assert [ids.tolist() for ids in distinct(sentences_in)] == [[1, 0], [2, 0], [1, 2, 0]]
+
+
+def test_detokenize_writes_punctuation_against_words_and_capitalizes_sentences():
+    assert detokenize(words('Once upon a time, there was a dog. "Let\'s go," she said.')) == \
+        'Once upon a time, there was a dog. "Let\'s go," she said.'
+    assert detokenize(["the", "cat", "sat", ".", "it", "ran", "!", "."]) == "The cat sat. It ran!."
+    assert detokenize([]) == ""
+
+
+# ----------------------------------------------------------------------------- the lab's own files
+
+
+def export_as_the_lab(tokens_dir, ks, directory):
+    """labpipe's token files in the seed's format: TinyStories-{K}-{split}.txt and tokenizer.json {word: id}."""
+    directory.mkdir()
+    for split in ("train", "test"):
+        for k in ks:
+            (directory / f"TinyStories-{k}-{split}.txt").write_bytes((tokens_dir / split / f"K{k}" / "tokens.txt")
+                                                                     .read_bytes())
+    vocab = json.loads((tokens_dir / "train" / f"K{max(ks)}" / "vocab.json").read_text())
+    (directory / "tokenizer.json").write_text(json.dumps({word: i for i, word in enumerate(vocab)}))
+
+
+def test_the_lab_files_import_round_trips_labpipes_own(tmp_path):
+    from labpipe.text.lab_files import import_corpus, tokenize_imported
+
+    ks = [60, 100]
+    ours = tmp_path / "ours"
+    train_stats = tokenize_corpus(lambda: generate_stories(80, seed=0), ks, ours / "train")
+    vocab = json.loads((ours / "train" / "K100" / "vocab.json").read_text())
+    tokenize_corpus(lambda: generate_stories(20, seed=1), ks, ours / "test", vocab=vocab)
+    export_as_the_lab(ours, ks, tmp_path / "lab")
+
+    corpus, imported = tmp_path / "corpus", tmp_path / "imported"
+    corpus.mkdir()
+    counts = import_corpus(f"token-files:{tmp_path / 'lab'}", ks, corpus)
+    stats = tokenize_imported(corpus, ks, imported)
+    for split in ("train", "test"):
+        for k in ks:
+            for name in ("tokens.txt", "vocab.json"):
+                assert (imported / split / f"K{k}" / name).read_bytes() == (ours / split / f"K{k}" / name).read_bytes()
+            lines = len(read_token_file(ours / split / f"K{k}" / "tokens.txt", k))
+            assert counts[f"{split}_K{k}_sentences"] == lines == stats[split][k]["sentences_kept"]
+    for k in ks:  # the same stats, but that the lab's corpus before its filtering is unknown
+        expected = {**train_stats[k], "sentences_total": train_stats[k]["sentences_kept"], "kept_fraction": 1.0}
+        assert stats["train"][k] == expected
+        assert json.loads((imported / "train" / f"K{k}" / "stats.json").read_text()) == expected
+
+
+def test_the_seeds_tokenizer_json_is_read_as_words_by_id(tmp_path):
+    from labpipe.text.lab_files import read_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"the": 1, ".": 0, "cat": 2}))
+    assert read_tokenizer(path) == [".", "the", "cat"]
+    path.write_text(json.dumps([".", "the"]))  # labpipe's vocab.json
+    assert read_tokenizer(path) == [".", "the"]
+
+
+@pytest.mark.parametrize("content, why", [
+    ({"the": 1, ".": 0, "cat": 3}, "the ids must be 0..2, each once; 2 is missing"),
+    ({"the": 0, ".": 1}, "id 0 must be '.' (every line of a token file ends with it), got 'the'"),
+    ({".": 0, "the": "1"}, "every id must be an integer"),
+    ([".", "the", "the"], "a word appears twice"),
+    ("the", "expected a JSON object {word: id} or a list of words, got str"),
+])
+def test_a_bad_tokenizer_json_is_one_line_naming_it(tmp_path, content, why):
+    from labpipe.text.lab_files import read_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(InputError, match="^" + re.escape(f"{path}: {why}") + "$"):
+        read_tokenizer(path)
+
+
+def test_the_lab_files_get_the_checks_of_labpipes_own(tmp_path):
+    from labpipe.text.lab_files import import_corpus
+
+    lab, out = tmp_path / "lab", tmp_path / "out"
+    lab.mkdir()
+    out.mkdir()
+    (lab / "tokenizer.json").write_text(json.dumps({".": 0, "a": 1, "b": 2}))
+    (lab / "TinyStories-3-train.txt").write_text("1 2 0\n2 0\n")
+    (lab / "TinyStories-3-test.txt").write_text("1 0\n1 2\n")
+    source = f"token-files:{lab}"
+    with pytest.raises(InputError, match=re.escape("TinyStories-3-test.txt, line 2: the line does not end with 0")):
+        import_corpus(source, [3], out)
+    with pytest.raises(InputError, match=re.escape(f"{lab / 'TinyStories-2-train.txt'}: no such file "
+                                                   "(text.vocab_sizes has K=2)")):
+        import_corpus(source, [2], out)
+    with pytest.raises(InputError, match=re.escape(f"{lab / 'tokenizer.json'} has 3 words, fewer than "
+                                                   "text.vocab_sizes' K=4")):
+        import_corpus(source, [4], out)
+    with pytest.raises(InputError, match=re.escape(f"text.source=token-files:{tmp_path / 'nope'}: ")):
+        import_corpus(f"token-files:{tmp_path / 'nope'}", [3], out)

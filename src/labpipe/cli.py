@@ -32,6 +32,9 @@ TOOLS = {
     "mheight-predict": ("labpipe.grok.predict:main",
                         "m-heights of codes from the trained regressor; --exact: against the exact heights"),
     "grok-report": ("labpipe.grok.report:main", "the grok_train runs side by side: table and curves (the wd sweep)"),
+    "hmm-sample": ("labpipe.hmm.sample:main",
+                   "sentences sampled from a saved HMM, each state's top words, next words after a --prompt"),
+    "lm-sample": ("labpipe.lm.sample:main", "sequences sampled from a saved LM, as the HMM's words where they apply"),
 }
 
 
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     for verb, (_target, help_text) in STAGES.items():
         _add_params_args(verbs.add_parser(verb, help=help_text))
     _add_dormancy_flags(verbs.choices["dormancy"])
+    verbs.choices["hmm-eval"].add_argument(
+        "--model", help="evaluate this HMM instead of hmm_train's: a model.pt, a checkpoint or an MLflow URI "
+                        "(models:/hmm-K100@champion); outputs in artifacts/hmm/eval-<model>/")
     for verb, (_target, help_text) in TOOLS.items():
         verbs.add_parser(verb, help=help_text)  # listed in --help; main() hands their arguments over above
     show = verbs.add_parser("params", help="print the resolved params (after --set) as JSON")
@@ -71,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return distributed.launch(argv, ranks, f"labpipe {args.verb}")
         module, function = STAGES[args.verb][0].split(":")
-        getattr(importlib.import_module(module), function)(params)
+        options = {"model": args.model} if args.verb == "hmm-eval" and args.model else {}
+        getattr(importlib.import_module(module), function)(params, **options)
     except UserError as error:  # the user's mistake: one line; anything else is a bug and keeps its traceback
         print(f"labpipe {args.verb}: error: {error}", file=sys.stderr)
         return error.exit_code
@@ -122,31 +129,50 @@ def _add_params_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_dormancy_flags(parser: argparse.ArgumentParser) -> None:
     """The seed's knobs as flags; each is a shorthand for --set dormancy.<key>=..., checked the same way."""
+    parser.add_argument("--profile", help="a partial params file applied over --params first, e.g. "
+                                          "params.pythia.yaml (the lab's Pythia analysis)")
     parser.add_argument("--model", help="Hugging Face name or local directory")
     parser.add_argument("--revisions", help="comma-separated, e.g. step1000,step14000")
+    parser.add_argument("--layers", help="comma-separated decoder layers, e.g. 0,3 (default: every layer)")
     parser.add_argument("--samples", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--thresholds", help="comma-separated, e.g. 0,0.025,0.1")
     parser.add_argument("--device")
     parser.add_argument("--output", help="the CSV to append to")
-    parser.add_argument("--quick", action="store_true", help="2 checkpoints, 100 samples")
+    parser.add_argument("--quick", action="store_true",
+                        help="the first 2 revisions, 100 samples, into quick/test_<name> beside the CSV")
 
 
 def _dormancy_overrides(args: argparse.Namespace) -> list[str]:
-    def as_list(text: str) -> str:
-        return json.dumps([item.strip() for item in text.split(",") if item.strip()])
+    """The profile's keys, then --quick's, then the flags': a later one wins, and --set after them all."""
+    from pathlib import Path
 
-    overrides = ["dormancy.max_revisions=2", "dormancy.samples=100"] if args.quick else []
+    from labpipe.config import ConfigError
+    from labpipe.inputs import read_text
+
+    def as_list(text: str, quote: bool) -> str:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        return json.dumps(items) if quote else "[" + ",".join(items) + "]"  # unquoted: YAML numbers
+
+    overrides = []
+    if args.profile:
+        profile = parse_yaml(read_text(args.profile), where=args.profile) or {}
+        if not isinstance(profile, dict):
+            raise ConfigError(f"{args.profile}: a profile is a mapping of sections to keys, like params.yaml")
+        overrides = [f"{key}={json.dumps(value)}" for key, value in _leaves(profile)]
+    if args.quick:  # the seed's quick test: a CSV of its own, never mixed into the full analysis' rows
+        csv = Path(load_params(args.params, overrides).dormancy.output_csv)
+        overrides += ["dormancy.max_revisions=2", "dormancy.samples=100",
+                      f"dormancy.output_csv={json.dumps(str(csv.parent / 'quick' / f'test_{csv.name}'))}"]
     for flag, key, value in (("model", "model", args.model), ("revisions", "revisions", args.revisions),
-                             ("samples", "samples", args.samples), ("batch_size", "batch_size", args.batch_size),
+                             ("layers", "layers", args.layers), ("samples", "samples", args.samples),
+                             ("batch_size", "batch_size", args.batch_size),
                              ("thresholds", "thresholds", args.thresholds), ("device", "device", args.device),
                              ("output", "output_csv", args.output)):
         if value is None:
             continue
-        if flag == "revisions":
-            value = as_list(value)
-        elif flag == "thresholds":
-            value = "[" + ",".join(item.strip() for item in value.split(",")) + "]"
+        if flag in ("revisions", "layers", "thresholds"):
+            value = as_list(value, quote=flag == "revisions")
         elif flag in ("model", "device", "output"):
             value = json.dumps(value)  # a quoted YAML string: a name like "off" or "1e3" stays a string
         overrides.append(f"dormancy.{key}={value}")

@@ -127,7 +127,8 @@ class GrokParams:
 
 @dataclasses.dataclass(frozen=True)
 class TextParams:
-    source: str  # "generate" (labpipe's seeded story grammar), a Hugging Face dataset name, or a local path
+    source: str  # "generate" (labpipe's seeded story grammar), a Hugging Face dataset name, a local path, or
+    #              "token-files:DIR": the lab's own TinyStories-{K}-{train,test}.txt and tokenizer.json in DIR
     train_split: str
     test_split: str
     cache_dir: str  # Hugging Face datasets cache; "" for its default
@@ -147,7 +148,9 @@ class HMMParams:
     #                      into rows of L, sentences running on (the seed's seq_length, 100..600)
     epochs: Count  # run length: raising it extends a finished run
     batch_size: Count
-    update_freq: Count  # M-step every update_freq minibatches (and at the end of each epoch)
+    update_freq: Natural  # M-step every update_freq minibatches (and at the end of each epoch); 0: one M-step per
+    #                       epoch, on the whole epoch's statistics (the seed's "update_freq-all")
+    train_unique: bool  # fit on the train file's distinct sentences, each once (the seed's unique: 6,899 of 74,514)
     eps: Annotated[float, Bound(0, 0.01, low_open=True)]  # probability floor: a symbol absent from a batch never
     #                                                        gets probability 0; eps * max(H, K) < 1
     seed: Natural
@@ -222,6 +225,7 @@ class DormancyParams:
     model: str  # a Hugging Face causal LM name or a local directory (lm_train's checkpoints: one step_* per revision)
     revisions: tuple[str, ...]  # hub revisions (step1000...) or step_* directories; empty: every step_* under model
     max_revisions: Natural  # 0: all; N: the first N (--quick: 2)
+    layers: tuple[Natural, ...]  # decoder layers analysed (the CSV's layer_index); empty: every layer
     text_source: str  # "synth" (the synthetic val shards, token ids), a Hugging Face dataset name, or a local path
     text_split: str
     text_field: str
@@ -230,7 +234,11 @@ class DormancyParams:
     batch_size: Count
     thresholds: tuple[NonNegative, ...]  # dormant iff score <= tau; all in one pass (the seed: 0, 0.025, 0.1)
     device: str
-    output_csv: str  # appended: a restarted run skips the revisions already complete
+    output_csv: str  # appended: a restarted run skips the revisions complete; --quick: quick/test_<name> beside it
+
+    def __post_init__(self):
+        if twice := sorted({i for i in self.layers if self.layers.count(i) > 1}):
+            raise ConfigError(f"dormancy.layers lists layer {', '.join(map(str, twice))} more than once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,14 +257,18 @@ class CrosscoderParams:
     dict_size: Count  # F latents
     l1_coef: NonNegative  # lambda of the sparsity penalty
     l1_warmup_steps: Natural  # lambda ramps linearly from 0
-    decoder_norm_in_penalty: bool  # lambda sum_i f_i sum_s |W_dec,i^s| (true) or lambda sum_i f_i (false)
+    # the sparsity term: lambda sum_i f_i (none), lambda sum_i f_i sum_s ||W_dec,i^s|| with the norms as constants
+    # (detached: no gradient to the decoder from it) or with their gradient (full, the reference crosscoder's)
+    decoder_norm_in_penalty: Literal["none", "detached", "full"]
     init: Literal["kaiming", "normal"]
     transpose_init: bool  # W_enc = W_dec^T at init
     dec_init_norm: NonNegative  # decoder rows normalized to this norm at init; 0 leaves them as drawn
     lr: Positive
     lr_warmup_steps: Natural
     lr_decay_start: Fraction  # fraction of steps after which lr decays linearly to 0 (at `steps`)
-    steps: Count  # the schedule's length too: a finished run cannot be extended
+    steps: Natural  # run length in steps, or 0 when epochs gives it; the schedule's length too: a finished run
+    #                 cannot be extended
+    epochs: Natural  # run length in epochs of the buffer (epochs * ceil(rows / batch_size) steps), or 0
     batch_size: Count  # activation rows per step
     grad_clip: NonNegative  # 0: not clipped
     log_every: Count
@@ -272,6 +284,9 @@ class CrosscoderParams:
     device: str
 
     def __post_init__(self):
+        if (self.steps > 0) == (self.epochs > 0):
+            raise ConfigError(f"crosscoder.steps={self.steps}, crosscoder.epochs={self.epochs}: give the run length "
+                              "as one of them and set the other to 0")
         if self.champion_l0_min > self.champion_l0_max:
             raise ConfigError(f"crosscoder.champion_l0_min={self.champion_l0_min} is above "
                               f"crosscoder.champion_l0_max={self.champion_l0_max}")

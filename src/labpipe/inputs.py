@@ -9,6 +9,7 @@ code.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,12 @@ def reason(error: BaseException) -> str:
     """The first line of an exception's message, for a one-line error."""
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def is_model_uri(source: str) -> bool:
+    """models:/name@alias, models:/name/version or runs:/<id>/model: a model in the MLflow store (loaded by
+    tracking.load_logged_model)."""
+    return re.match(r"^(models|runs):/", source) is not None
 
 
 def read_text(path: str | Path) -> str:

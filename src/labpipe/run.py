@@ -42,7 +42,7 @@ from labpipe.checkpoint import Checkpoints, GeneratorState, load
 from labpipe.config import Params, flatten
 from labpipe.errors import InputError, UserError
 from labpipe.files import sha256_file, staged_outputs
-from labpipe.inputs import from_pretrained, load_torch, reason
+from labpipe.inputs import from_pretrained, is_model_uri, load_torch, reason
 from labpipe.lock import output_lock
 
 FORMAT = 2  # of the checkpoint payload
@@ -89,13 +89,10 @@ def load_weights(source: str, key: str) -> dict[str, torch.Tensor]:
     save_pretrained directory, a stage output or checkpoint .pt of labpipe, or a bare state dict file.
     InputError naming `key` and the source when it holds none."""
     try:
-        if re.match(r"^(models|runs):/", source):
-            import mlflow.pytorch
+        if is_model_uri(source):
+            from labpipe.tracking import load_logged_model
 
-            from labpipe.tracking import tracking_uri
-
-            mlflow.set_tracking_uri(tracking_uri())
-            return mlflow.pytorch.load_model(source, map_location="cpu").state_dict()
+            return load_logged_model(source).state_dict()
         path = Path(source)
         if (path / "config.json").is_file():
             from transformers import AutoModelForCausalLM

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 
 from labpipe.config import TrackingParams  # noqa: E402
 from labpipe.environment import ENVIRONMENT_TAGS, environment  # noqa: E402
-from labpipe.errors import Terminated, UserError  # noqa: E402
+from labpipe.errors import InputError, Terminated, UserError  # noqa: E402
 
 CHAMPION = "champion"
 
@@ -88,6 +88,25 @@ def check_store(timeout: float = 5.0) -> None:
     problem = store_problem(tracking_uri(), timeout)
     if problem is not None:
         raise TrackingError(problem)
+
+
+def load_logged_model(source: str) -> Any:
+    """The torch module logged at an MLflow model URI, on the CPU; InputError naming the source when the store
+    or the model is not there."""
+    import mlflow.pytorch
+
+    from labpipe.inputs import reason
+
+    check_store()
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # MLflow would create an empty store here and then report that the model does not exist
+        raise InputError(f"{source}: no MLflow store at {uri} (train first, or set MLFLOW_TRACKING_URI)")
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pytorch.load_model(source, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - unknown name or alias, missing artifacts: the source is unusable
+        raise InputError(f"{source}: cannot load the model ({reason(error)})") from None
 
 
 def experiment_id(name: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,30 +74,46 @@ def capture_code(project: Path, allow_dirty: bool) -> dict[str, Any]:
     return {"commit": commit, "dirty": bool(changed), "snapshot": snapshot}
 
 
-def resolve_tasks(params_path: Path, sets: list[str], sweeps: list[str]) -> list[tuple[list[str], dict]]:
-    """(overrides, resolved params) per task: one task, or one per point of the sweep grid.
+def resolve_tasks(params_path: Path, sets: list[str], sweeps: list[str], zips: Sequence[str] = ()) \
+        -> list[tuple[list[str], dict]]:
+    """(overrides, resolved params) per task: one task, or one per point of the sweep.
 
-    `--sweep grok.weight_decay=0.01,0.03,0.1` gives three tasks; two --sweep flags give their product.
-    Every task's params are checked against the schema, so a bad key or value fails before anything runs.
+    `--sweep grok.weight_decay=0.01,0.03,0.1` gives three tasks; two --sweep flags give their product (the
+    grid). `--zip` lists pair up instead: `--zip hmm.hidden_states=100,200 --zip hmm.batch_size=1024,256` gives
+    (100, 1024) and (200, 256), the seed's NUM_STATES and BATCH_SIZES arrays; with --sweep too, the grid at
+    each pair. Unequal --zip lengths and a key given twice are refused. Every task's params are checked
+    against the schema, so a bad key or value fails before anything runs.
     """
     if not params_path.exists():
         raise ConfigError(f"params file not found: {params_path}")
-    axes = []
-    for sweep in sweeps:
-        key, sep, values = sweep.partition("=")
-        if not sep or not key or not values:
-            raise ConfigError(f"--sweep {sweep!r} is not of the form section.key=value1,value2,...")
-        axes.append([f"{key}={value.strip()}" for value in values.split(",")])
+    grid = [_axis("--sweep", sweep) for sweep in sweeps]
+    paired = [_axis("--zip", item) for item in zips]
+    keys = [axis[0].partition("=")[0] for axis in grid + paired]
+    if twice := sorted({key for key in keys if keys.count(key) > 1}):
+        raise ConfigError(f"{twice[0]} is swept twice (in --sweep or --zip): give each key once")
+    if len({len(axis) for axis in paired}) > 1:
+        raise ConfigError("--zip lists must be equally long: " + ", ".join(
+            f"{key} has {len(axis)}" for key, axis in zip(keys[len(grid):], paired, strict=True)))
+    pairs = list(zip(*paired, strict=True)) if paired else [()]
     text = params_path.read_text()
     tasks = []
-    for point in itertools.product(*axes):
-        overrides = [*sets, *point]
-        raw = parse_yaml(text) or {}
-        for override in overrides:
-            apply_override(raw, override)
-        build(Params, raw, where=f"{params_path} + {' '.join(overrides) or 'no overrides'}")
-        tasks.append((overrides, raw))
+    for pair in pairs:
+        for point in itertools.product(*grid):
+            overrides = [*sets, *pair, *point]
+            raw = parse_yaml(text) or {}
+            for override in overrides:
+                apply_override(raw, override)
+            build(Params, raw, where=f"{params_path} + {' '.join(overrides) or 'no overrides'}")
+            tasks.append((overrides, raw))
     return tasks
+
+
+def _axis(flag: str, item: str) -> list[str]:
+    """`key=v1,v2,...` as the overrides key=v1, key=v2, ..."""
+    key, sep, values = item.partition("=")
+    if not sep or not key or not values:
+        raise ConfigError(f"{flag} {item!r} is not of the form section.key=value1,value2,...")
+    return [f"{key}={value.strip()}" for value in values.split(",")]
 
 
 def capture_data(project: Path) -> dict[str, Any]:

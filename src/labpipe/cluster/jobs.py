@@ -3,6 +3,8 @@
     labpipe jobs submit grok_train --set grok.epochs=100          # DVC's experiment queue, here
     labpipe jobs submit grok_train --executor slurm --partition gpu --gpus 1 --time 4:00:00 \\
         --sweep grok.weight_decay=0.01,0.03,0.1                    # one Slurm array task per value
+    labpipe jobs submit hmm_train --zip hmm.hidden_states=100,200,300 --zip hmm.batch_size=1024,256,256
+                                                # paired lists: (100, 1024), (200, 256), (300, 256)
     labpipe jobs submit lm_train --executor slurm --nodes 2 --gpus-per-node 4   # 8 ranks, one per GPU
     labpipe jobs list
     labpipe jobs show <id>                      # state, last MLflow metrics, log tail (a prefix of the id will do)
@@ -65,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one param")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one task per value (several --sweep: their product)")
+    p.add_argument("--zip", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="paired lists of equal length: task i takes the i-th value of every --zip (crossed with "
+                        "any --sweep)")
     p.add_argument("--executor", choices=["local", "slurm"], default="local",
                    help="local: DVC's experiment queue on this machine; slurm: sbatch through submitit")
     p.add_argument("--gpus", "--gpus-per-node", dest="gpus", type=int, default=0,
@@ -117,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
 def submit(args: argparse.Namespace, project: Path) -> int:
     stage = _stage(project, args.stage)
     _check_ranks(args, stage)
-    tasks = capture.resolve_tasks(project / "params.yaml", args.set, args.sweep)
+    tasks = capture.resolve_tasks(project / "params.yaml", args.set, args.sweep, args.zip)
     for _overrides, params in tasks:
         capture.check_shards_reachable(project, stage, params)
     if args.executor == "local":

@@ -3,8 +3,8 @@ residual streams into an on-disk buffer (buffer.py), stage crosscoder_train fits
 and logs the seed's metrics (metrics.py)."""
 
 from labpipe.crosscoder.buffer import ActivationBuffer, BatchStream, ShuffledBatches, write_buffer
-from labpipe.crosscoder.metrics import DeadLatents, activity, batch_metrics, explained_variance
+from labpipe.crosscoder.metrics import DeadLatents, Totals, span_metrics, span_sums
 from labpipe.crosscoder.model import Crosscoder, load_crosscoder
 
-__all__ = ["ActivationBuffer", "BatchStream", "Crosscoder", "DeadLatents", "ShuffledBatches", "activity",
-           "batch_metrics", "explained_variance", "load_crosscoder", "write_buffer"]
+__all__ = ["ActivationBuffer", "BatchStream", "Crosscoder", "DeadLatents", "ShuffledBatches", "Totals",
+           "load_crosscoder", "span_metrics", "span_sums", "write_buffer"]

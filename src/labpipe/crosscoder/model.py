@@ -4,9 +4,15 @@ With x = [a | b] the concatenation of both sources' activations (width D = d_a +
 
     f     = ReLU(sum_s a^s W_enc^s + b_enc) = ReLU(x W_enc + b_enc)           f in R^F
     x_hat = f W_dec + b_dec,  i.e.  a_hat^s = f W_dec^s + b_dec^s
-    loss  = sum_s ||a^s - a_hat^s||^2                  (mean over the batch)
-            + lambda * sum_i f_i * sum_s ||W_dec,i^s||  (decoder_norm_in_penalty)
-            or lambda * sum_i f_i                        (without the decoder norm)
+    loss  = sum_s ||a^s - a_hat^s||^2 + lambda * sum_i f_i * w_i      (mean over the batch)
+
+with w_i, by decoder_norm_in_penalty:
+    none      w_i = 1
+    detached  w_i = sum_s ||W_dec,i^s||, a constant of the step: the penalty's gradient reaches f (so the
+              encoder) only, and the decoder learns from the reconstruction alone (the seed's "don't involve
+              the decoder in the reg section")
+    full      the same w_i with its gradient, lambda * f_i * W_dec,i^s / ||W_dec,i^s|| on each decoder row: the
+              penalty also shrinks the decoder (the reference crosscoder's loss; the seed's "non-detach")
 
 The per-source tensors of the usual layout, W_enc [2, d, F] and W_dec [F, 2, d], are stored concatenated:
 W_enc [D, F] holds W_enc^a in its first d_a rows and W_enc^b below; W_dec [F, D] holds W_dec^a in its first
@@ -90,9 +96,15 @@ class Crosscoder(nn.Module):
         return torch.stack([self.W_dec[:, columns].norm(dim=1) for columns in self.sources()], dim=1)
 
     def loss_terms(self, x: torch.Tensor, f: torch.Tensor, x_hat: torch.Tensor, l1_coef: float,
-                   decoder_norm_in_penalty: bool) -> LossTerms:
+                   decoder_norm_in_penalty: str) -> LossTerms:
+        """The loss of the module docstring, decoder_norm_in_penalty = none | detached | full."""
         mse = (x - x_hat).pow(2).sum(dim=1).mean()
-        weights = self.decoder_norms().sum(dim=1) if decoder_norm_in_penalty else torch.ones_like(self.b_enc)
+        if decoder_norm_in_penalty == "none":
+            weights = torch.ones_like(self.b_enc)
+        else:
+            weights = self.decoder_norms().sum(dim=1)
+            if decoder_norm_in_penalty == "detached":
+                weights = weights.detach()
         l1 = (f * weights).sum(dim=1).mean()
         return LossTerms(mse + l1_coef * l1, mse, l1)
 

@@ -1,45 +1,57 @@
 """Stage crosscoder_train: a sparse crosscoder trained on the activation buffer of stage activations.
 
-Reads crosscoder.buffer_dir; writes artifacts/crosscoder/{model.pt, metrics.json, history.csv,
-plots/training.png}. Adam with
+Reads crosscoder.buffer_dir; writes artifacts/crosscoder/{model.pt, metrics.json, history.csv, epochs.csv,
+plots/training.png}. The run is crosscoder.steps steps long, or crosscoder.epochs epochs of the buffer
+(epochs * ceil(rows / batch_size) steps; the other key 0). Adam with
 
     lr(t)     = lr * min(1, (t + 1) / lr_warmup_steps, (steps - t) / (steps - t_decay))
                 with t_decay = floor(lr_decay_start * steps) and the last factor only from t_decay on:
                 warm-up, constant, then a linear decay that reaches 0 at `steps`
     lambda(t) = l1_coef * min(1, t / l1_warmup_steps)
 
-for update t = 0 .. steps - 1, gradients clipped to norm grad_clip (0: not clipped). Every log_every steps the
-metrics of metrics.py go to history.csv, MLflow (experiment "crosscoders") and the progress bar.
+for update t = 0 .. steps - 1, gradients clipped to norm grad_clip (0: not clipped). The metrics of metrics.py
+go to history.csv, MLflow (experiment "crosscoders") and the progress bar every log_every steps, over that
+step's batch; at each epoch's end (and at the run's end, for a partial last epoch) over the whole epoch's
+tokens, to epochs.csv (epoch = its index from 0, as the seed's "Epoch 0"; step = the step it ended at) and
+MLflow as epoch_<name>, and as a line like the seed's progress line. (The seed's own line shows its epoch's last
+batch: its mean_active is a multiple of 1/4096 and its max_active an integer, which no mean over 3782 batches
+is; epochs.csv is the whole epoch, history.csv at the epoch's last step that batch.)
 
-The run lifecycle (checkpoints of the model, Adam's state and the dead-latent tracker; resume; init_from; the
-champion) is labpipe.run's. A killed run resumes from the newest checkpoint of its fingerprint (params, the
-buffer's meta.json with its data sha256, the code) and ends with the same weights as an uninterrupted one, in the
-same MLflow run: batch t is a function of (seed, t) alone (buffer.ShuffledBatches), and nothing else is random
-after the init. A finished run cannot be extended: the schedule is built on `steps` (the lr reaches 0 there), so
-crosscoder.steps is part of the fingerprint and raising it starts a new run from the init. To train a finished
-crosscoder further, start a new run from its weights: crosscoder.init_from=artifacts/crosscoder/model.pt (or
-models:/crosscoder@champion), with its own warm-up and decay, Adam's state and the dead-latent tracker fresh.
+The run lifecycle (checkpoints of the model, Adam's state, the dead-latent tracker and the epoch's running
+sums; resume; init_from; the champion) is labpipe.run's. A killed run resumes from the newest checkpoint of its
+fingerprint (params, the buffer's meta.json with its data sha256, the code) and ends with the same weights and
+records as an uninterrupted one, in the same MLflow run: batch t is a function of (seed, t) alone
+(buffer.ShuffledBatches), and nothing else is random after the init. A finished run cannot be extended: the
+schedule is built on its length (the lr reaches 0 there), so the length is part of the fingerprint, counted in
+steps whichever key gave it (epochs=2 of 128 batches and steps=256 are the same run), and raising it starts a
+new run from the init. To train a finished crosscoder further, start a new run from its weights:
+crosscoder.init_from=artifacts/crosscoder/model.pt (or models:/crosscoder@champion), with its own warm-up and
+decay, Adam's state and the dead-latent tracker fresh.
 
-Final metrics are measured over up to crosscoder.eval_rows rows spread evenly through the buffer (training rows:
-the buffer has no held-out part). Champion: the run is registered as model "crosscoder" (alias champion) only if
-its final L0 lies in [champion_l0_min, champion_l0_max] and its final mean explained variance beats the
-champion's; EVs compare only at equal sparsity.
+Final metrics (final_<name> in MLflow, metrics.json) are measured over up to crosscoder.eval_rows rows spread
+evenly through the buffer (training rows: the buffer has no held-out part), as one span centred on their mean,
+beside the switching baseline: source b predicted from source a alone (see evaluate). Champion: the run is
+registered as model "crosscoder" (alias champion) only if its final L0 lies in [champion_l0_min,
+champion_l0_max] and its final mean_explained_variance beats the champion's; EVs compare only at equal
+sparsity.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from labpipe import registry
 from labpipe.config import CrosscoderParams, Params, flatten
 from labpipe.crosscoder.buffer import META, ActivationBuffer, BatchStream
-from labpipe.crosscoder.metrics import DeadLatents, batch_metrics
+from labpipe.crosscoder.metrics import DeadLatents, Totals, combine, median, median_norms, span_metrics, span_sums
 from labpipe.crosscoder.model import Crosscoder, LossTerms
 from labpipe.device import resolve_device
 from labpipe.errors import InputError
@@ -49,6 +61,8 @@ from labpipe.run import TrainingRun, load_into
 
 STAGE = registry.STAGES["crosscoder_train"]
 OUT_DIR = Path(STAGE.training.out_dir)
+PROGRESS = ("mean_active", "max_active", "min_active", "total_inactive", "mean_explained_variance",
+            "mean_explained_variance_a", "mean_explained_variance_b", "residual", "total_dead_neurons")
 
 
 def lr_at(c: CrosscoderParams, t: int) -> float:
@@ -61,6 +75,11 @@ def lr_at(c: CrosscoderParams, t: int) -> float:
 
 def l1_coef_at(c: CrosscoderParams, t: int) -> float:
     return c.l1_coef * min(1.0, t / c.l1_warmup_steps) if c.l1_warmup_steps > 0 else c.l1_coef
+
+
+def in_steps(c: CrosscoderParams, batches_per_epoch: int) -> CrosscoderParams:
+    """c with its run length in steps (epochs 0): what the schedule, the fingerprint and MLflow's params hold."""
+    return c if c.epochs == 0 else dataclasses.replace(c, steps=c.epochs * batches_per_epoch, epochs=0)
 
 
 def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, lr: float, l1_coef: float,
@@ -79,86 +98,126 @@ def train_step(model: Crosscoder, optimizer: torch.optim.Optimizer, x: torch.Ten
 
 def run_train(params: Params) -> None:
     """Stage crosscoder_train."""
-    c = params.crosscoder
-    device = resolve_device(c.device, "crosscoder.device")
-    buffer = ActivationBuffer.open(c.buffer_dir)
+    device = resolve_device(params.crosscoder.device, "crosscoder.device")
+    buffer = ActivationBuffer.open(params.crosscoder.buffer_dir)
+    batches_per_epoch = -(-buffer.rows // params.crosscoder.batch_size)
+    c = in_steps(params.crosscoder, batches_per_epoch)
+    params = dataclasses.replace(params, crosscoder=c)
     model = Crosscoder(buffer.d_a, buffer.d_b, c.dict_size)
     model.init_weights(c.init, c.transpose_init, c.dec_init_norm, torch.Generator().manual_seed(c.seed))
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=c.lr)
     dead = DeadLatents(c.dict_size, c.dead_window, device)
-    batches_per_epoch = -(-buffer.rows // c.batch_size)
-    parts = {"model": model, "optimizer": optimizer, "dead": dead}
+    epoch = Totals(device)  # the sums of the epoch so far
+    parts = {"model": model, "optimizer": optimizer, "dead": dead, "epoch": epoch}
 
     # meta.json holds the buffer data's sha256 and the sources it came from
     with TrainingRun("crosscoder_train", params, [buffer.directory / META], parts,
                      init=lambda loaded: load_into(model, loaded[0], f"crosscoder.init_from={c.init_from}")) as run:
         run.set_tags({"device": str(device), "buffer_rows": buffer.rows, "d_a": buffer.d_a, "d_b": buffer.d_b,
-                      "buffer_sha256": buffer.meta["sha256"]})
+                      "buffer_sha256": buffer.meta["sha256"], "batches_per_epoch": batches_per_epoch})
+        epochs = run.state.extra.setdefault("epochs", [])  # epochs.csv's rows
         with BatchStream(buffer, c.batch_size, c.seed, run.state.step, c.steps, c.num_workers, device) as batches:
             for step, x in zip(run.steps("crosscoder"), batches, strict=True):
                 lr, l1_coef = lr_at(c, step - 1), l1_coef_at(c, step - 1)
                 f, x_hat, terms, grad_norm = train_step(model, optimizer, x, lr, l1_coef, c)
                 dead.update(f)
+                sums = {**span_sums(x, f, x_hat, buffer.d_a), "loss": terms.loss.detach() * len(x),
+                        "l1": terms.l1.detach() * len(x)}
+                epoch.add(sums)
                 if step % c.log_every == 0 or step == c.steps:
-                    metrics = {**batch_metrics(x, f, x_hat, buffer.d_a, dead, loss=terms.loss, mse=terms.mse,
-                                               l1=terms.l1, grad_norm=grad_norm),
-                               "lr": lr, "lambda": l1_coef, "epoch": step / batches_per_epoch}
+                    metrics = {**span_metrics(sums), **median_norms(x, x_hat), **dead.metrics(),
+                               "total_inactive": int((epoch.sums["latent_counts"] == 0).sum()),
+                               "grad_norm": grad_norm.item(), "lr": lr, "lambda": l1_coef,
+                               "epoch": step / batches_per_epoch}
                     run.state.history.append({"step": step, **metrics})
                     run.log(metrics, step)
                     run.bar.set_postfix(loss=f"{metrics['loss']:.4g}", ev=f"{metrics['mean_explained_variance']:.3f}",
                                         l0=f"{metrics['l0']:.1f}", dead=f"{metrics['pct_dead_neurons']:.1%}")
+                if step % batches_per_epoch == 0 or step == c.steps:
+                    row = {"epoch": (step - 1) // batches_per_epoch, "step": step,
+                           **span_metrics(epoch.sums), **dead.metrics()}
+                    epochs.append(row)
+                    run.log({f"epoch_{name}": value for name, value in row.items() if name not in ("epoch", "step")},
+                            step)
+                    tqdm.write(f"Epoch {row['epoch']} (steps to {step}): "
+                               + ", ".join(f"{name} {row[name]:.6g}" for name in PROGRESS))
+                    epoch.reset()
 
-        final = {**evaluate(model, buffer, c, device), "total_dead_neurons": int(dead.dead().sum()),
-                 "pct_dead_neurons": float(dead.dead().float().mean()), "total_neurons": c.dict_size,
-                 "steps": c.steps}
+        final = {**evaluate(model, buffer, c, device), **dead.metrics(), "steps": c.steps}
         final["in_l0_band"] = c.champion_l0_min <= final["l0"] <= c.champion_l0_max
         run.log({f"final_{name}": value for name, value in final.items()}, c.steps)
-        print(f"final: explained variance {final['mean_explained_variance']:.4f} "
+        print(f"final: mean explained variance {final['mean_explained_variance']:.4f} "
               f"(a {final['mean_explained_variance_a']:.4f}, b {final['mean_explained_variance_b']:.4f}), "
-              f"L0 {final['l0']:.2f}, dead {final['pct_dead_neurons']:.2%}")
+              f"L0 {final['l0']:.2f}, dead {final['pct_dead_neurons']:.2%}; source b: explained variance "
+              f"{final['explained_variance_b']:.4f} "
+              f"vs {final['switch_linear_explained_variance_b']:.4f} by the linear map from a "
+              f"({'beaten' if final['beats_switch_linear'] else 'not beaten'})")
         run.offer_best(final["mean_explained_variance"], model, c.steps)
         with run.outputs() as out:
-            write_outputs(out, model, buffer, run.state.history, final, c)
+            write_outputs(out, model, buffer, run.state.history, epochs, final, c)
         run.finish(model, final)
 
 
 @torch.no_grad()
 def evaluate(model: Crosscoder, buffer: ActivationBuffer, c: CrosscoderParams, device: torch.device) -> dict:
-    """Explained variance per source, L0, mse and l1 over up to eval_rows rows spread evenly over the buffer.
+    """The metrics of metrics.py over up to eval_rows rows spread evenly over the buffer, as one span centred
+    on their mean mu, and the switching baseline, which predicts source b from source a alone:
 
-    EV_s = 1 - sum ||a^s - a_hat^s||^2 / sum ||a^s - mean(a^s)||^2 over all those rows, in one pass with
-    sum ||a - mean||^2 = sum ||a||^2 - ||sum a||^2 / n, the sums of each chunk added up in float64 on the host.
+        identity  b_hat = (s_b / s_a) a: the other source's rows as they are (the buffer's normalization undone;
+                  only when d_a == d_b)
+        linear    b_hat = mu^b + (a - mu^a) M, M the least-squares solution of (a - mu^a) M = b - mu^b over
+                  the same rows: the affine map of least squared error
+
+    each with switch_<name>_explained_variance_b, switch_<name>_mean_explained_variance_b and
+    switch_<name>_mse_b defined as the crosscoder's, and beats_switch_linear = the crosscoder's
+    explained_variance_b above the linear map's. Three passes: mu, then M (from its normal equations, summed in
+    float64 on the host), then everything else.
     """
     model = model.to(device)
     rows = np.unique(np.linspace(0, buffer.rows - 1, min(c.eval_rows, buffer.rows)).astype(np.int64))
     array, scale = buffer.array(), buffer.scale_vector(device)
-    sources = model.sources()
-    residual, squares = torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    sums = torch.zeros(buffer.width, dtype=torch.float64)
-    mse = l1 = active = 0.0
-    for chunk in np.array_split(rows, -(-len(rows) // c.batch_size)):
-        x = buffer.to_float(torch.from_numpy(array[chunk].view(np.int16)).to(device), scale)
+    a_cols, b_cols = model.sources()
+
+    def chunks():
+        for chunk in np.array_split(rows, -(-len(rows) // c.batch_size)):
+            yield buffer.to_float(torch.from_numpy(array[chunk].view(np.int16)).to(device), scale)
+
+    mu = (sum(x.sum(dim=0).cpu().double() for x in chunks()) / len(rows)).float().to(device)
+    gram, cross = torch.zeros(buffer.d_a, buffer.d_a, dtype=torch.float64), torch.zeros(
+        buffer.d_a, buffer.d_b, dtype=torch.float64)
+    for x in chunks():
+        a, b = x[:, a_cols] - mu[a_cols], x[:, b_cols] - mu[b_cols]
+        gram += (a.T @ a).cpu().double()
+        cross += (a.T @ b).cpu().double()
+    linear_map = torch.linalg.lstsq(gram, cross).solution.float().to(device)
+    predictors = {"linear": lambda a: mu[b_cols] + (a - mu[a_cols]) @ linear_map}
+    if buffer.d_a == buffer.d_b:
+        predictors["identity"] = lambda a: a * (buffer.scales[1] / buffer.scales[0])
+
+    sums, switch, input_norms, error_norms = None, {name: None for name in predictors}, [], []
+    for x in chunks():
         f, x_hat = model(x)
-        terms = model.loss_terms(x, f, x_hat, 0.0, c.decoder_norm_in_penalty)
-        error = (x - x_hat).pow(2)
-        residual += torch.stack([error[:, s].sum() for s in sources]).cpu().double()
-        squares += torch.stack([x[:, s].pow(2).sum() for s in sources]).cpu().double()
-        sums += x.sum(dim=0).cpu().double()
-        mse += terms.mse.item() * len(chunk)
-        l1 += terms.l1.item() * len(chunk)
-        active += (f > 0).sum().item()
-    n = len(rows)
-    total = squares - torch.stack([sums[s].pow(2).sum() for s in sources]) / n
-    ev_a, ev_b = (1 - residual / total).tolist()
-    return {"mean_explained_variance": (ev_a + ev_b) / 2, "mean_explained_variance_a": ev_a,
-            "mean_explained_variance_b": ev_b, "l0": active / n, "mse": mse / n, "l1": l1 / n, "eval_rows": n}
+        sums = combine(sums, span_sums(x, f, x_hat, buffer.d_a, mu))
+        for name, predict in predictors.items():  # as a "crosscoder" that keeps a and predicts b from it
+            guess = torch.cat([x[:, a_cols], predict(x[:, a_cols])], dim=1)
+            switch[name] = combine(switch[name], span_sums(x, f, guess, buffer.d_a, mu))
+        input_norms.append(x.norm(dim=1).cpu())
+        error_norms.append((x - x_hat).norm(dim=1).cpu())
+    final = {**span_metrics(sums), "median_input_norm": median(torch.cat(input_norms)),
+             "median_error_norm": median(torch.cat(error_norms)), "eval_rows": len(rows)}
+    for name, totals in switch.items():
+        baseline = span_metrics(totals)
+        for metric in ("explained_variance_b", "mean_explained_variance_b", "mse_b"):
+            final[f"switch_{name}_{metric}"] = baseline[metric]
+    final["beats_switch_linear"] = final["explained_variance_b"] > final["switch_linear_explained_variance_b"]
+    return final
 
 
-def write_outputs(out: Path, model: Crosscoder, buffer: ActivationBuffer, history: list[dict], final: dict,
-                  c: CrosscoderParams) -> None:
-    """model.pt (the final weights and what they were trained on), metrics.json, history.csv and the plot under
-    `out`."""
+def write_outputs(out: Path, model: Crosscoder, buffer: ActivationBuffer, history: list[dict], epochs: list[dict],
+                  final: dict, c: CrosscoderParams) -> None:
+    """model.pt (the final weights and what they were trained on), metrics.json, history.csv, epochs.csv and the
+    plot under `out`."""
     save_torch({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "config": model.config,
                 "scales": list(buffer.scales), "params": flatten(c), "step": c.steps,
                 "buffer": {"directory": str(buffer.directory), "sha256": buffer.meta["sha256"],
@@ -166,17 +225,20 @@ def write_outputs(out: Path, model: Crosscoder, buffer: ActivationBuffer, histor
     write_json(out / "metrics.json", {**final, "l0_band": [c.champion_l0_min, c.champion_l0_max]})
     frame = pd.DataFrame(history)
     frame.to_csv(out / "history.csv", index=False)
-    plot_training(frame, out / "plots" / "training.png")
+    pd.DataFrame(epochs).to_csv(out / "epochs.csv", index=False)
+    plot_training(frame, final, out / "plots" / "training.png")
 
 
-def plot_training(history: pd.DataFrame, path: Path) -> None:
-    """Explained variance (a, b, mean) and dead latents (%) against the step."""
+def plot_training(history: pd.DataFrame, final: dict, path: Path) -> None:
+    """Explained variance (a, b, mean; the switching baseline's for b) and dead latents (%) against the step."""
     plt = pyplot()
     figure, (ev, dead) = plt.subplots(1, 2, figsize=(10, 4))
     for column, label in (("mean_explained_variance", "mean"), ("mean_explained_variance_a", "source a"),
                           ("mean_explained_variance_b", "source b")):
         ev.plot(history.step, history[column], label=label)
-    ev.set(xlabel="step", ylabel="explained variance (batch)", title="Reconstruction",
+    ev.axhline(final["switch_linear_mean_explained_variance_b"], color="gray", linestyle="--",
+               label="b by a linear map from a")
+    ev.set(xlabel="step", ylabel="mean explained variance (batch)", title="Reconstruction",
            ylim=(0, 1))  # below 0 (worse than the batch mean, the first steps) is off the chart
     ev.legend()
     dead.plot(history.step, 100 * history.pct_dead_neurons)
@@ -184,19 +246,22 @@ def plot_training(history: pd.DataFrame, path: Path) -> None:
     save_figure(figure, path)
 
 
-# ----------------------------------------------------------------------------- the dec_init_norm sweep
+# ----------------------------------------------------------------------------- the penalty x dec_init_norm sweep
 
 # Params that do not change what a run computes (the registry's, less eval_rows: it changes the final metrics the
-# sweep compares): runs that differ only in these (and dec_init_norm) compare.
+# sweep compares): runs that differ only in these (and the swept keys) compare.
 _NOT_RESULTS = {f"crosscoder.{key}" for key in (*registry.NOT_TRAJECTORY, *STAGE.training.also_not_trajectory)
                 if key != "eval_rows"}
+SWEPT = ("crosscoder.decoder_norm_in_penalty", "crosscoder.dec_init_norm")
 SWEEP_COLUMNS = ("mean_explained_variance", "mean_explained_variance_a", "mean_explained_variance_b",
-                 "pct_dead_neurons", "total_dead_neurons", "l0")
+                 "explained_variance_b", "switch_linear_explained_variance_b", "pct_dead_neurons",
+                 "total_dead_neurons", "l0")
 
 
 def sweep_table(tracking_uri: str) -> pd.DataFrame:
-    """One row per dec_init_norm: the final metrics of the finished crosscoder_train runs comparable to the
-    newest one (equal in every param that changes the result, but dec_init_norm), the newest run per value."""
+    """One row per (decoder_norm_in_penalty, dec_init_norm): the final metrics of the finished crosscoder_train
+    runs comparable to the newest one (equal in every param that changes the result, but those two, and with
+    every metric of the table: runs of an older labpipe lack some), the newest run per pair."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -205,36 +270,38 @@ def sweep_table(tracking_uri: str) -> pd.DataFrame:
     runs = [] if experiment is None else client.search_runs(
         [experiment.experiment_id], "tags.`labpipe.stage` = 'crosscoder_train' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"])
-    runs = [run for run in runs if "final_mean_explained_variance" in run.data.metrics]
+    runs = [run for run in runs if all(f"final_{name}" in run.data.metrics for name in SWEEP_COLUMNS)]
     if not runs:
         raise InputError(f"no finished crosscoder_train runs in experiment {line!r} of {tracking_uri}")
 
     def setting(run) -> dict:
-        return {k: v for k, v in run.data.params.items() if k not in _NOT_RESULTS | {"crosscoder.dec_init_norm"}}
+        return {k: v for k, v in run.data.params.items() if k not in _NOT_RESULTS | set(SWEPT)}
 
     rows = {}
     for run in runs:  # newest first
-        norm = float(run.data.params["crosscoder.dec_init_norm"])
-        if setting(run) == setting(runs[0]) and norm not in rows:
-            rows[norm] = {"dec_init_norm": norm, "run_id": run.info.run_id,
-                          **{name: run.data.metrics[f"final_{name}"] for name in SWEEP_COLUMNS}}
-    return pd.DataFrame(sorted(rows.values(), key=lambda row: row["dec_init_norm"]))
+        penalty, norm = run.data.params[SWEPT[0]], float(run.data.params[SWEPT[1]])
+        if setting(run) == setting(runs[0]) and (penalty, norm) not in rows:
+            rows[penalty, norm] = {"decoder_norm_in_penalty": penalty, "dec_init_norm": norm,
+                                   "run_id": run.info.run_id,
+                                   **{name: run.data.metrics[f"final_{name}"] for name in SWEEP_COLUMNS}}
+    return pd.DataFrame([rows[key] for key in sorted(rows)])
 
 
 def plot_sweep(tracking_uri: str, out_path: str | Path) -> pd.DataFrame:
-    """Dead latents and explained variance against dec_init_norm (the seed's sweep: 0.03 .. 1) from the MLflow
-    runs of the crosscoders experiment; writes the plot and its table (a CSV beside it). Returns the table."""
+    """Dead latents and explained variance against dec_init_norm, one line per decoder_norm_in_penalty (the
+    seed's sweep: 0.03 .. 1, and its non-detach runs) from the MLflow runs of the crosscoders experiment; writes
+    the plot and its table (a CSV beside it). Returns the table."""
     out_path = Path(out_path)
     table = sweep_table(tracking_uri)
     plt = pyplot()
     figure, (dead, ev) = plt.subplots(1, 2, figsize=(10, 4))
-    dead.plot(table.dec_init_norm, 100 * table.pct_dead_neurons, marker="o")
+    for penalty, runs in table.groupby("decoder_norm_in_penalty", sort=True):
+        dead.plot(runs.dec_init_norm, 100 * runs.pct_dead_neurons, marker="o", label=penalty)
+        ev.plot(runs.dec_init_norm, runs.mean_explained_variance, marker="o", label=penalty)
     dead.set(xscale="log", xlabel="dec_init_norm", ylabel="dead latents at the end (%)", title="Dead latents")
-    for column, label in (("mean_explained_variance", "mean"), ("mean_explained_variance_a", "source a"),
-                          ("mean_explained_variance_b", "source b")):
-        ev.plot(table.dec_init_norm, table[column], marker="o", label=label)
-    ev.set(xscale="log", xlabel="dec_init_norm", ylabel="explained variance", title="Reconstruction")
-    ev.legend()
+    dead.legend(title="decoder norm in penalty")
+    ev.set(xscale="log", xlabel="dec_init_norm", ylabel="mean explained variance", title="Reconstruction")
+    ev.legend(title="decoder norm in penalty")
     save_figure(figure, out_path)
     with atomic_path(out_path.with_suffix(".csv")) as tmp:
         table.to_csv(tmp, index=False)

@@ -11,7 +11,7 @@ dtype (Pythia's says float16), so that tau = 0 sees true zeros, not float16 unde
 
 Neurons (HOOK_POINTS, keyed by config.model_type): GPT-NeoX (Pythia): the output of layers[i].mlp.act;
 Llama (and Mistral, Qwen2): the SwiGLU product act_fn(gate_proj(x)) * up_proj(x), i.e. the input of
-layers[i].mlp.down_proj, read by a forward pre-hook.
+layers[i].mlp.down_proj, read by a forward pre-hook. Every decoder layer, or those `layers` lists (by index).
 
 Revisions: a local directory holding step_XXXXXXXX/ save_pretrained checkpoints (lm_train's) gives one revision
 per subdirectory, in step order; a single save_pretrained directory is one revision; any other name is a
@@ -23,19 +23,22 @@ else the first `samples` texts of a Hugging Face dataset or a local .txt/.json f
 own tokenizer, truncated to max_length and padded on the right; the attention mask keeps padding out of every
 statistic.
 
-CSV (appended; one row per revision, layer and threshold), columns exactly COLUMNS:
+CSV (appended; one row per revision, analysed layer and threshold), columns exactly COLUMNS:
     timestamp       when the revision's rows were written (UTC, ISO 8601)
     model           the `model` param as given; revision, step as above
     threshold       tau
-    layer_name      the hooked module, e.g. gpt_neox.layers.3.mlp.act; layer_index its decoder layer
+    layer_name      the hooked module, e.g. gpt_neox.layers.3.mlp.act; layer_index its decoder layer (i = 3)
     num_neurons     the layer's MLP width; num_dormant those with s_i <= tau
     pct_dormant     100 * num_dormant / num_neurons
     avg_activation  the mean over the layer's neurons of E|h_i| (the denominator of s_i)
     max_activation  the largest |h_i| over every non-padding token and neuron
 A revision's rows are written together, atomically, so a killed run never leaves half a revision; a restarted
-run skips the (model, revision, threshold) triples already in the file. The text settings the rows were made
-with sit beside it (<csv>.settings.json): appending with other settings is refused, since old rows would be
-reused as if they were comparable.
+run skips the (model, revision, threshold) triples already in the file. The text and layers the rows were
+made with sit beside it (<csv>.settings.json): appending with other settings is refused, since old rows would be
+reused as if they were comparable (or complete).
+
+The lab's Pythia analysis is the profile params.pythia.yaml; `labpipe dormancy --quick` (cli.py) is the seed's
+quick test of a run: its first 2 revisions, 100 samples, into quick/test_<name of the CSV> beside the CSV.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from labpipe.inputs import from_pretrained, read_json
 from labpipe.text.corpus import HUB_NAME, load_stories
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (input_ids, attention_mask), both (batch, length)
+Hooked = tuple[int, str, torch.nn.Module]  # (decoder layer, layer name, the module whose output or input is h)
 
 # model_type -> (the decoder layers, the module inside each layer, which side of that module is h)
 HOOK_POINTS = {
@@ -121,14 +125,19 @@ def load_model(revision: Revision, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def hooked_modules(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module]], str]:
-    """[(layer name, module)] whose output or input (the second value: "output" or "input") is h."""
+def hooked_modules(model: torch.nn.Module, chosen: tuple[int, ...]) -> tuple[list[Hooked], str]:
+    """[(decoder layer, layer name, module)] of the `chosen` decoder layers (every one when empty), in layer order,
+    whose output or input (the second value: "output" or "input") is h."""
     model_type = model.config.model_type
     if model_type not in HOOK_POINTS:
         raise InputError(f"no dormancy hook point for architecture {model_type!r}; known: {', '.join(HOOK_POINTS)}")
     layers_path, inner, side = HOOK_POINTS[model_type]
     layers = model.get_submodule(layers_path)
-    return [(f"{layers_path}.{i}.{inner}", layer.get_submodule(inner)) for i, layer in enumerate(layers)], side
+    if unknown := [i for i in chosen if i >= len(layers)]:
+        raise InputError(f"dormancy.layers: no layer {', '.join(map(str, unknown))} in {model.name_or_path} "
+                         f"({len(layers)} decoder layers: 0..{len(layers) - 1})")
+    return [(i, f"{layers_path}.{i}.{inner}", layers[i].get_submodule(inner))
+            for i in sorted(chosen) or range(len(layers))], side
 
 
 # ----------------------------------------------------------------------------- text
@@ -224,15 +233,17 @@ class NeuronStats:
 
 @dataclasses.dataclass(frozen=True)
 class LayerStats:
+    index: int  # the decoder layer
     name: str
     mean_abs: np.ndarray  # E|h_i| per neuron over the non-padding tokens
     max_abs: float
 
 
 @torch.inference_mode()
-def layer_statistics(model: torch.nn.Module, batches, device: torch.device) -> list[LayerStats]:
-    """One pass over `batches` with a hook on every layer's MLP neurons."""
-    modules, side = hooked_modules(model)
+def layer_statistics(model: torch.nn.Module, batches, device: torch.device,
+                     layers: tuple[int, ...] = ()) -> list[LayerStats]:
+    """One pass over `batches` with a hook on the MLP neurons of each of `layers` (every layer when empty)."""
+    modules, side = hooked_modules(model, layers)
     stats = [NeuronStats() for _ in modules]
     current = {}  # the batch's token weights, read by the hooks
 
@@ -242,8 +253,8 @@ def layer_statistics(model: torch.nn.Module, batches, device: torch.device) -> l
         return hook
 
     register = "register_forward_hook" if side == "output" else "register_forward_pre_hook"
-    handles = [getattr(module, register)(observer(layer)) for (_name, module), layer in zip(modules, stats,
-                                                                                            strict=True)]
+    handles = [getattr(module, register)(observer(layer))
+               for (_index, _name, module), layer in zip(modules, stats, strict=True)]
     # The hooks need the decoder layers only: the backbone skips the LM head, more than half of Pythia-70m's
     # forward FLOPs (512 x 50k per token) and a batch x length x vocab logits tensor.
     backbone = model.base_model
@@ -259,8 +270,8 @@ def layer_statistics(model: torch.nn.Module, batches, device: torch.device) -> l
             handle.remove()
     if tokens == 0:
         raise InputError("the text source gave no tokens")
-    return [LayerStats(name, (layer.abs_sum / tokens).cpu().numpy(), float(layer.max_abs))
-            for (name, _module), layer in zip(modules, stats, strict=True)]
+    return [LayerStats(index, name, (layer.abs_sum / tokens).cpu().numpy(), float(layer.max_abs))
+            for (index, name, _module), layer in zip(modules, stats, strict=True)]
 
 
 def scores(mean_abs: np.ndarray) -> np.ndarray:
@@ -274,29 +285,31 @@ def revision_rows(d: DormancyParams, revision: Revision, layers: list[LayerStats
     timestamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     rows = []
     for threshold in thresholds:
-        for index, layer in enumerate(layers):
+        for layer in layers:
             dormant = int((scores(layer.mean_abs) <= threshold).sum())
             width = len(layer.mean_abs)
             rows.append({"timestamp": timestamp, "model": d.model, "revision": revision.name, "step": revision.step,
-                         "threshold": threshold, "layer_name": layer.name, "layer_index": index,
+                         "threshold": threshold, "layer_name": layer.name, "layer_index": layer.index,
                          "num_neurons": width, "num_dormant": dormant, "pct_dormant": 100.0 * dormant / width,
                          "avg_activation": float(layer.mean_abs.mean()), "max_activation": layer.max_abs})
     return rows
 
 
-def text_settings(d: DormancyParams) -> dict:
-    return {key: getattr(d, key) for key in ("text_source", "text_split", "text_field", "samples", "max_length")}
+def csv_settings(d: DormancyParams) -> dict:
+    """What makes two runs' rows comparable: the text and the layers (a sorted list, as JSON reads it back)."""
+    return {"text_source": d.text_source, "text_split": d.text_split, "text_field": d.text_field,
+            "samples": d.samples, "max_length": d.max_length, "layers": sorted(d.layers)}
 
 
 def settings_file(d: DormancyParams) -> Path:
     return Path(f"{d.output_csv}.settings.json")
 
 
-def check_text_settings(d: DormancyParams) -> None:
-    """An InputError when the CSV holds rows made from other text than d asks for."""
-    settings, sidecar = text_settings(d), settings_file(d)
+def check_csv_settings(d: DormancyParams) -> None:
+    """An InputError when the CSV holds rows made from other text, or of other layers, than d asks for."""
+    settings, sidecar = csv_settings(d), settings_file(d)
     if Path(d.output_csv).exists() and sidecar.exists():
-        saved = read_json(sidecar, "dormancy settings")
+        saved = {"layers": [], **read_json(sidecar, "dormancy settings")}  # written before `layers`: every layer
         if saved != settings:
             raise InputError(f"{d.output_csv} holds rows made with {saved}, not {settings}: they would be reused as "
                              "if comparable; choose another output CSV (or delete it)")
@@ -312,20 +325,22 @@ def run_dormancy(params: Params) -> None:
     revisions = list_revisions(d)
     batches_of = batch_source(d)
     done = read_results(d.output_csv)
-    check_text_settings(d)
+    check_csv_settings(d)
     done = set(zip(done.model, done.revision, done.threshold.astype(float), strict=True))
-    for revision in tqdm(revisions, desc="checkpoints", unit="revision"):
-        thresholds = [t for t in d.thresholds if (d.model, revision.name, t) not in done]
-        if not thresholds:
-            tqdm.write(f"{revision.name}: already in {d.output_csv}")
-            continue
-        model = load_model(revision, device)
-        batches = tqdm(batches_of(revision), desc=revision.name, unit="batch", leave=False,
-                       total=math.ceil(d.samples / d.batch_size))
-        layers = layer_statistics(model, batches, device)
-        del model  # before the next checkpoint loads: one in memory at a time
-        append_rows(d.output_csv, revision_rows(d, revision, layers, thresholds))
-        write_json(settings_file(d), text_settings(d))  # beside the rows it describes, once there are rows
+    # bars as context managers: closed before an error's line is printed, which stays the last one on stderr
+    with tqdm(revisions, desc="checkpoints", unit="revision") as bar:
+        for revision in bar:
+            thresholds = [t for t in d.thresholds if (d.model, revision.name, t) not in done]
+            if not thresholds:
+                tqdm.write(f"{revision.name}: already in {d.output_csv}")
+                continue
+            model = load_model(revision, device)
+            with tqdm(batches_of(revision), desc=revision.name, unit="batch", leave=False,
+                      total=math.ceil(d.samples / d.batch_size)) as batches:
+                layers = layer_statistics(model, batches, device, d.layers)
+            del model  # before the next checkpoint loads: one in memory at a time
+            append_rows(d.output_csv, revision_rows(d, revision, layers, thresholds))
+            write_json(settings_file(d), csv_settings(d))  # beside the rows it describes, once there are rows
 
     results = read_results(d.output_csv)
     track(params, results[results.model == d.model])

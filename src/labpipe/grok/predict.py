@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from labpipe.config import GrokParams, build
 from labpipe.errors import InputError, UserError
 from labpipe.grok.features import FeatureLayout, features
 from labpipe.grok.models import build_model, log2_prediction
-from labpipe.inputs import load_torch, reason
+from labpipe.inputs import is_model_uri, load_torch, reason
 
 CHAMPION = "models:/mheight-regressor@champion"
 COLUMNS = ("n", "k", "m", "P")
@@ -42,25 +41,14 @@ GROUP = ["n", "k", "m"]
 def load_regressor(source: str) -> nn.Module:
     """The regressor in `source`: a grok_train model.pt, or an MLflow model URI (models:/name@alias,
     runs:/id/model) whose logged module carries .layout and .output_head. On the CPU, in eval mode."""
-    model = _load_logged(source) if re.match(r"^(models|runs):/", source) else _load_model_file(Path(source))
+    model = _load_logged(source) if is_model_uri(source) else _load_model_file(Path(source))
     return model.eval()
 
 
 def _load_logged(source: str) -> nn.Module:
-    import mlflow.pytorch
+    from labpipe.tracking import load_logged_model
 
-    from labpipe.tracking import check_store, tracking_uri
-
-    check_store()
-    uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        # MLflow would create an empty store here and then report that the model does not exist
-        raise InputError(f"{source}: no MLflow store at {uri} (run labpipe grok-train, or set MLFLOW_TRACKING_URI)")
-    mlflow.set_tracking_uri(uri)
-    try:
-        model = mlflow.pytorch.load_model(source, map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - unknown name or alias, missing artifacts: the source is unusable
-        raise InputError(f"{source}: cannot load the model ({reason(error)})") from None
+    model = load_logged_model(source)
     if not isinstance(model, nn.Module) or not isinstance(getattr(model, "layout", None), FeatureLayout) \
             or not hasattr(model, "output_head"):
         raise InputError(f"{source}: not an m-height regressor with its feature layout (logged by an older "

@@ -1,8 +1,8 @@
 """Minibatch EM (Baum-Welch) over padded batches, with the torch or the pomegranate backend.
 
-Both backends run the same algorithm: E-step statistics accumulate over `update_freq` minibatches, then an
-M-step normalizes them and floors every probability at eps (HMM.floored). Given the same initial parameters
-and batches they give the same log-likelihoods and parameters, to rounding.
+Both backends run the same algorithm: E-step statistics accumulate over `update_freq` minibatches (a whole
+epoch when it is 0), then an M-step normalizes them and floors every probability at eps (HMM.floored). Given
+the same initial parameters and batches they give the same log-likelihoods and parameters, to rounding.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class EpochResult:
 
 
 def em_epoch(backend: Backend, batches: Iterable[Batch], update_freq: int, eps: float, epoch: int) -> EpochResult:
-    """One pass over the batches: an M-step every `update_freq` batches and at the end of the epoch.
+    """One pass over the batches: an M-step every `update_freq` batches and at the end of the epoch (only there
+    when update_freq is 0: full-batch EM, the seed's "update_freq-all").
 
     Raises EMDivergedError naming the epoch and batch as soon as a batch's log-likelihood or the accumulated
     statistics stop being finite, before they reach an update: the caller keeps its last good checkpoint.
@@ -121,7 +122,7 @@ def em_epoch(backend: Backend, batches: Iterable[Batch], update_freq: int, eps: 
         n_tokens += int(lengths.sum())
         n_sequences += len(lengths)
         pending += 1
-        if pending == update_freq:
+        if pending == update_freq:  # never when 0
             backend.update(eps)
             pending = 0
     if pending:

@@ -7,17 +7,26 @@ For every test sequence x_0..x_{L-1}, each strategy gives a distribution for eac
   bigram   p(x_t | x_{t-1}) counted on consecutive pairs within the training sequences; for x_0 the
            frequencies of first tokens
 The baselines' probabilities are floored like the HMM's (eps + (1 - K eps) p), so an unseen token costs
--log(eps) rather than infinity. Reported, overall and separately for test sequences that occur once in the
-test file (unique) and those that repeat (duplicated): the final token's cross-entropy -log p(x_{L-1} | x_<L-1)
-for each strategy, and the KL divergence from the HMM's final-token distribution to each baseline's. The
-per-position cross-entropy (mean over the sequences that reach the position) is a table and a plot.
+-log(eps) rather than infinity. Reported for each subset of the test set: the final token's cross-entropy
+-log p(x_{L-1} | x_<L-1) for each strategy (final_token_ce), and the KL divergence from the HMM's final-token
+distribution to each baseline's (kl_from_hmm), both means over the subset's sequences. The subsets:
+  overall     every test sequence
+  unique      the deduplicated test set, each distinct sentence once (the seed's "unique test"; with
+              hmm.seq_length > 0 the distinct sentences are cut into rows, as hmm_train does)
+  singletons  the test sequences that occur exactly once in it
+  duplicated  those that occur more than once, every copy (singletons and duplicated partition overall)
+The per-position cross-entropy (mean over the sequences that reach the position) is a table and a plot.
 
-Evaluation reads the model and writes nothing into it: evaluating twice gives identical numbers.
+The model is hmm_train's model.pt, or any saved HMM (run_eval's `model`: a model.pt, a checkpoint, an MLflow
+URI such as models:/hmm-K100@champion); the outputs of another model than the stage's go to
+artifacts/hmm/eval-<model>/, beside the stage's. Evaluation reads the model and writes nothing into it:
+evaluating twice gives identical numbers.
 """
 
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +43,13 @@ from labpipe.hmm.forward_backward import next_token_log_probs
 from labpipe.hmm.model import HMM
 from labpipe.hmm.train import OUT_DIR as TRAIN_DIR
 from labpipe.hmm.train import read_sequences
+from labpipe.inputs import is_model_uri, load_torch, reason
 from labpipe.plotting import pyplot, save_figure
 
 OUT_DIR = Path("artifacts/hmm/eval")
 STRATEGIES = ("hmm", "uniform", "unigram", "bigram")
-SUBSETS = ("overall", "unique", "duplicated")
+SUBSETS = ("overall", "unique", "singletons", "duplicated")
+MODEL = TRAIN_DIR / "model.pt"
 
 
 def floored(probs: torch.Tensor, eps: float) -> torch.Tensor:
@@ -88,20 +99,25 @@ class Baselines:
 class Evaluation:
     final_ce: dict[str, np.ndarray]  # strategy -> (N,) final-token cross-entropy per test sequence (nats)
     final_kl: dict[str, np.ndarray]  # baseline -> (N,) KL(hmm || baseline) of the final-token distributions
-    unique: np.ndarray  # (N,) bool: the sequence occurs once in the test sequences
+    singleton: np.ndarray  # (N,) bool: the sequence occurs once in the test sequences
     position_ce: pd.DataFrame  # position, sequences, and the mean cross-entropy of each strategy there
 
-    def summary(self) -> dict:
-        """{final_token_ce: {subset: {strategy: mean}}, kl_from_hmm: {...}, sequences: {subset: count}};
-        a subset with no sequences has None (JSON null) for its means."""
-        masks = {"overall": np.ones_like(self.unique), "unique": self.unique, "duplicated": ~self.unique}
 
-        def means(values: dict[str, np.ndarray]) -> dict:
-            return {subset: {name: float(v[mask].mean()) if mask.any() else None for name, v in values.items()}
-                    for subset, mask in masks.items()}
+def summarize(full: Evaluation, unique: Evaluation) -> dict:
+    """{final_token_ce: {subset: {strategy: mean}}, kl_from_hmm: {...}, sequences: {subset: count}} over the
+    SUBSETS: the full test set's evaluation, masked, and the deduplicated set's own; a subset with no sequences
+    has None (JSON null) for its means."""
+    every = np.ones_like(full.singleton)
+    parts = {"overall": (full, every), "unique": (unique, np.ones_like(unique.singleton)),
+             "singletons": (full, full.singleton), "duplicated": (full, ~full.singleton)}
 
-        return {"final_token_ce": means(self.final_ce), "kl_from_hmm": means(self.final_kl),
-                "sequences": {subset: int(mask.sum()) for subset, mask in masks.items()}}
+    def means(field: str) -> dict:
+        return {subset: {name: float(v[mask].mean()) if mask.any() else None
+                         for name, v in getattr(evaluation, field).items()}
+                for subset, (evaluation, mask) in parts.items()}
+
+    return {"final_token_ce": means("final_ce"), "kl_from_hmm": means("final_kl"),
+            "sequences": {subset: int(mask.sum()) for subset, (_, mask) in parts.items()}}
 
 
 def occurs_once(sequences: list[np.ndarray]) -> np.ndarray:
@@ -139,32 +155,62 @@ def evaluate(hmm: HMM, baselines: Baselines, sequences: list[np.ndarray], batch_
     return Evaluation(
         final_ce={name: torch.cat(v).numpy() for name, v in final_ce.items()},
         final_kl={name: torch.cat(v).numpy() for name, v in final_kl.items()},
-        unique=occurs_once(sequences),
+        singleton=occurs_once(sequences),
         position_ce=position_ce,
     )
 
 
-def load_model(path: str | Path = TRAIN_DIR / "model.pt") -> HMM:
-    return HMM.load(path)
+def load_model(source: str | Path = MODEL) -> tuple[HMM, list[str] | None]:
+    """The HMM (float64) and its words by id (None when the source has none) of hmm_train's model.pt, one of its
+    checkpoints, or an MLflow model URI (models:/hmm-K100@champion, runs:/<id>/model); InputError naming it."""
+    source = str(source)
+    if is_model_uri(source):
+        from labpipe.tracking import load_logged_model
+
+        module = load_logged_model(source)
+        state, vocab = module.state_dict(), getattr(module, "vocab", None)  # older modules carry no vocab
+    else:
+        saved = load_torch(source, "labpipe HMM (hmm_train's model.pt or checkpoint)")
+        saved = saved if isinstance(saved, dict) else {}
+        state = saved.get("hmm") or (saved.get("parts") or {}).get("model")
+        vocab = saved.get("vocab")
+    if not isinstance(state, dict):
+        raise InputError(f"{source}: holds no HMM (hmm_train's model.pt, a checkpoint or a registered hmm model)")
+    try:
+        hmm = HMM.from_state_dict(state).to(dtype=torch.float64)
+    except (InputError, TypeError, RuntimeError) as error:
+        raise InputError(f"{source}: not a usable HMM ({reason(error)})") from None
+    if vocab is not None and (len(vocab) != hmm.n_symbols or not all(isinstance(w, str) for w in vocab)):
+        raise InputError(f"{source}: its vocabulary has {len(vocab)} entries for {hmm.n_symbols} symbols")
+    return hmm, vocab
 
 
-def run_eval(params: Params) -> None:
-    """Stage hmm_eval."""
+def out_dir_for(model: str | None) -> Path:
+    """artifacts/hmm/eval for the stage's model; artifacts/hmm/eval-<model, as a file name> for another."""
+    if model is None or Path(model) == MODEL:
+        return OUT_DIR
+    return OUT_DIR.with_name("eval-" + re.sub(r"[^\w.@-]+", "_", model).strip("_"))
+
+
+def run_eval(params: Params, model: str | None = None) -> None:
+    """Stage hmm_eval on hmm_train's model.pt, or on `model` (see load_model), written to out_dir_for(model)."""
     from labpipe.tracking import stage_run
 
     h = params.hmm
-    hmm = load_model()
+    source, out_dir = model or str(MODEL), out_dir_for(model)
+    hmm, _ = load_model(source)
     if hmm.n_symbols != h.vocab_size:
-        raise InputError(f"{TRAIN_DIR / 'model.pt'} emits {hmm.n_symbols} symbols, but hmm.vocab_size={h.vocab_size}")
+        raise InputError(f"{source} emits {hmm.n_symbols} symbols, but hmm.vocab_size={h.vocab_size}")
     baselines = Baselines.fit(read_sequences("train", h), h.vocab_size, h.eps)
     result = evaluate(hmm, baselines, read_sequences("test", h), h.batch_size)
-    summary = result.summary()
-    write_json(OUT_DIR / "metrics.json", summary)
-    with atomic_path(OUT_DIR / "per_position_ce.csv") as tmp:
+    summary = summarize(result, evaluate(hmm, baselines, read_sequences("test", h, unique=True), h.batch_size))
+    write_json(out_dir / "metrics.json", summary)
+    with atomic_path(out_dir / "per_position_ce.csv") as tmp:
         result.position_ce.to_csv(tmp, index=False)
-    plot_position_ce(result.position_ce, OUT_DIR / "per_position_ce.png", f"H={hmm.n_states}, K={h.vocab_size}")
+    plot_position_ce(result.position_ce, out_dir / "per_position_ce.png", f"H={hmm.n_states}, K={h.vocab_size}")
 
     with stage_run(params.tracking, "hmm_eval", flatten(h, "hmm.")) as run:
+        run.set_tags({"model": source})
         metrics = {f"final_ce/{subset}/{name}": value for subset, row in summary["final_token_ce"].items()
                    for name, value in row.items() if value is not None}
         metrics |= {f"kl_from_hmm/{subset}/{name}": value for subset, row in summary["kl_from_hmm"].items()
@@ -173,9 +219,9 @@ def run_eval(params: Params) -> None:
         run.log_metrics(metrics, step=0)
         for row in result.position_ce.itertuples():
             run.log_metrics({f"position_ce/{name}": getattr(row, name) for name in STRATEGIES}, step=row.position)
-        run.log_artifact(OUT_DIR / "per_position_ce.png", "plots")
-        run.log_artifact(OUT_DIR / "metrics.json")
-        run.log_outputs([OUT_DIR])
+        run.log_artifact(out_dir / "per_position_ce.png", "plots")
+        run.log_artifact(out_dir / "metrics.json")
+        run.log_outputs([out_dir])
     overall = summary["final_token_ce"]["overall"]
     print("final-token cross-entropy (nats): " + ", ".join(f"{name} {overall[name]:.4f}" for name in STRATEGIES))
 

@@ -145,3 +145,15 @@ def next_token_log_probs(hmm: HMM, tokens: torch.Tensor, lengths: torch.Tensor) 
     predicted = predicted / predicted.sum(-1, keepdim=True)
     log_probs = (predicted @ hmm.emission).log().transpose(0, 1)
     return log_probs.masked_fill(~valid[:, :, None], float("nan"))
+
+
+def sequence_scores(hmm: HMM, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: (B,) log p(x) with ends, and (B, E) log p(x_{L-1} = e | x_<L-1, a symbol follows), the
+    final token's prediction (row L-1 of next_token_log_probs) without the (B, L, E) tensor of every position."""
+    alphas, scales, _, _ = _forward(hmm, tokens, lengths)
+    log_likelihood = scales.log().sum(0) + (alphas[-1] @ hmm.end).log()
+    last = lengths - 1
+    before = alphas[(last - 1).clamp(min=0), torch.arange(len(lengths), device=lengths.device)]  # alpha_{L-2}
+    predicted = torch.where((last > 0)[:, None], before @ hmm.transition, hmm.start)
+    predicted = predicted / predicted.sum(-1, keepdim=True)
+    return log_likelihood, (predicted @ hmm.emission).log()

@@ -1,10 +1,11 @@
 """Stages corpus and tokenize: stories to text files, text files to the lab's top-K token files.
 
 corpus    artifacts/text/corpus/{train,test}.txt: the stories of each split, TinyStories' own .txt format
-          (stories separated by <|endoftext|> lines), from labpipe's story grammar or a dataset (text.source)
+          (stories separated by <|endoftext|> lines), from labpipe's story grammar or a dataset (text.source);
+          with text.source = token-files:DIR, the lab's checked token files and tokenizer.json (lab_files.py)
 tokenize  artifacts/text/tokens/{train,test}/K{K}/{tokens.txt,vocab.json,stats.json}; the test split is
-          tokenized with the train split's ranking, so an id means the same word in both; a summary of
-          every file's stats in artifacts/text/token_stats.json
+          tokenized with the train split's ranking, so an id means the same word in both (imported token
+          files keep the lab's ids); a summary of every file's stats in artifacts/text/token_stats.json
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from labpipe.config import Params, TextParams, flatten
 from labpipe.errors import InputError
 from labpipe.files import atomic_path, staged_outputs, write_json
 from labpipe.text.corpus import END_OF_TEXT, generate_stories, load_stories
+from labpipe.text.lab_files import import_corpus, is_token_files, tokenize_imported
 from labpipe.text.tokenizer import tokenize_corpus
 
 CORPUS_DIR = Path("artifacts/text/corpus")
@@ -43,10 +45,13 @@ def run_corpus(params: Params) -> None:
     folder = corpus_file(SPLITS[0]).parent
     with stage_run(params.tracking, "corpus", flatten(t, "text.")) as run:
         with staged_outputs(folder) as staging:  # both splits, or neither
-            counts = {split: _write_split(t, split, dataset_split, staging / corpus_file(split).name)
-                      for split, dataset_split in zip(SPLITS, (t.train_split, t.test_split), strict=True)}
-        run.log_metrics({f"{split}_stories": count for split, count in counts.items()}, step=0)
-        run.log_outputs([corpus_file(split) for split in SPLITS])
+            if is_token_files(t.source):
+                counts = import_corpus(t.source, t.vocab_sizes, staging)
+            else:
+                counts = {f"{split}_stories": _write_split(t, split, dataset_split, staging / corpus_file(split).name)
+                          for split, dataset_split in zip(SPLITS, (t.train_split, t.test_split), strict=True)}
+        run.log_metrics(counts, step=0)
+        run.log_outputs([folder])
 
 
 def _write_split(t: TextParams, split: str, dataset_split: str, path: Path) -> int:
@@ -82,16 +87,21 @@ def run_tokenize(params: Params) -> None:
     def stories(split: str):
         return lambda: load_stories(str(corpus_file(split)), split)
 
-    train_stats = tokenize_corpus(stories("train"), ks, TOKENS_DIR / "train")
-    train_vocab = json.loads((token_dir("train", max(ks)) / "vocab.json").read_text())
-    test_stats = tokenize_corpus(stories("test"), ks, TOKENS_DIR / "test", vocab=train_vocab)
+    if is_token_files(params.text.source):
+        stats = tokenize_imported(CORPUS_DIR, ks, TOKENS_DIR)
+        train_stats, test_stats = stats["train"], stats["test"]
+    else:
+        train_stats = tokenize_corpus(stories("train"), ks, TOKENS_DIR / "train")
+        train_vocab = json.loads((token_dir("train", max(ks)) / "vocab.json").read_text())
+        test_stats = tokenize_corpus(stories("test"), ks, TOKENS_DIR / "test", vocab=train_vocab)
     summary = {split: {f"K{k}": {key: value for key, value in stats[k].items() if key != "length_histogram"}
                        for k in ks}
                for split, stats in (("train", train_stats), ("test", test_stats))}
     write_json(TOKEN_STATS, summary)
-    with stage_run(params.tracking, "tokenize", {"text.vocab_sizes": list(ks)}) as run:
+    with stage_run(params.tracking, "tokenize", {"text.vocab_sizes": list(ks), "text.source": params.text.source}) \
+            as run:
         run.log_metrics({f"{split}_K{k}_{key}": summary[split][f"K{k}"][key] for split in SPLITS for k in ks
-                         for key in ("sentences_kept", "kept_fraction", "tokens", "unique_sentences")}, step=0)
+                         for key in ("sentences_kept", "kept_fraction", "tokens", "distinct_sentences")}, step=0)
         run.log_outputs([TOKENS_DIR, TOKEN_STATS])
     for k in ks:
         print(f"K={k}: train keeps {train_stats[k]['sentences_kept']} of {train_stats[k]['sentences_total']} "

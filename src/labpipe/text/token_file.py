@@ -64,11 +64,23 @@ def read_token_file(path: str | Path, vocab_size: int) -> list[np.ndarray]:
     return list(iter_token_file(path, vocab_size))
 
 
-def split_unique(sentences: Sequence[Sequence[int]]) -> tuple[list, list]:
+def split_singletons(sentences: Sequence[Sequence[int]]) -> tuple[list, list]:
     """(sentences whose exact id sequence occurs once, those occurring more than once, every copy), in file order."""
     keys = [tuple(map(int, ids)) for ids in sentences]
     counts = collections.Counter(keys)
-    unique_once, duplicated = [], []
+    singletons, duplicated = [], []
     for ids, key in zip(sentences, keys, strict=True):
-        (duplicated if counts[key] > 1 else unique_once).append(ids)
-    return unique_once, duplicated
+        (duplicated if counts[key] > 1 else singletons).append(ids)
+    return singletons, duplicated
+
+
+def distinct(sentences: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Each distinct sentence once, at its first occurrence: the deduplicated file, the seed's "unique" set."""
+    seen: set[bytes] = set()
+    kept = []
+    for ids in sentences:
+        key = np.asarray(ids, dtype=np.int64).tobytes()
+        if key not in seen:
+            seen.add(key)
+            kept.append(ids)
+    return kept

@@ -48,6 +48,35 @@ def words(text: str) -> list[str]:
     return tokens
 
 
+ATTACHED_LEFT = {END, ",", ";", ":", "!", "?"}  # written against the word before them
+
+
+def detokenize(tokens: Sequence[str]) -> str:
+    """Words back to readable text: punctuation against its word, quotes alternately opening and closing, each
+    sentence capitalized. Lossy like `words` itself: "!" and "?" came back as ".", names as lowercase."""
+    text, quote_open, capital = "", False, True
+    for token in tokens:
+        if token == '"':
+            attach = quote_open  # a closing quote goes against the word before it
+            quote_open = not quote_open
+        else:
+            attach = token in ATTACHED_LEFT or (quote_open and text.endswith('"'))  # after an opening quote
+        word = token.capitalize() if capital and token[:1].isalpha() else token
+        capital = (capital and not token[:1].isalpha()) or token == END
+        text += word if attach or not text else " " + word
+    return text
+
+
+def encode(text: str, vocab: Sequence[str], where: str) -> list[int]:
+    """The ids of `text`'s words (tokenized like the corpus) in `vocab`, the words by id of `where`; InputError
+    naming the first word outside it."""
+    ids = {word: i for i, word in enumerate(vocab)}
+    tokens = words(text)
+    if unknown := [word for word in tokens if word not in ids]:
+        raise InputError(f"--prompt: {unknown[0]!r} is not among the {len(vocab)} words of {where}")
+    return [ids[word] for word in tokens]
+
+
 def sentences(text: str) -> Iterator[list[str]]:
     """The word stream cut after each "."; words after the last "." (a truncated sentence) are dropped."""
     sentence = []
@@ -70,7 +99,7 @@ def build_vocab(word_counts: collections.Counter, k: int) -> list[str]:
 
 
 @dataclass
-class _KeptSentences:
+class KeptSentences:
     """Running stats of one token file.
 
     Memory: one 64-bit hash per distinct kept sentence (plus one per distinct sentence seen twice) and
@@ -99,7 +128,7 @@ class _KeptSentences:
             "sentences_kept": self.sentences_kept,
             "kept_fraction": self.sentences_kept / self.sentences_total,
             "tokens": self.tokens,
-            "unique_sentences": once,
+            "singleton_sentences": once,
             "duplicated_sentences": self.sentences_kept - once,
             "distinct_sentences": len(self.seen),
             "length_histogram": {str(length): count for length, count in sorted(self.lengths.items())},
@@ -121,13 +150,13 @@ def tokenize_corpus(
       sentences_kept        lines of tokens.txt: sentences whose words are all in the vocabulary
       kept_fraction         sentences_kept / sentences_total
       tokens                ids in tokens.txt
-      unique_sentences      kept lines that occur exactly once in the file
+      singleton_sentences   kept lines that occur exactly once in the file
       duplicated_sentences  kept lines that occur more than once, counted with multiplicity
-                            (unique_sentences + duplicated_sentences = sentences_kept, as in `split_unique`)
-      distinct_sentences    distinct kept lines: the size of the deduplicated file
+                            (singleton_sentences + duplicated_sentences = sentences_kept, as in `split_singletons`)
+      distinct_sentences    distinct kept lines: the size of the deduplicated file, the seed's "unique" set
       length_histogram      {length: number of kept lines of that length}, keys as strings (JSON)
       max_length            the longest kept line (0 if none)
-    Memory: the word counter and, per K, the hashes in `_KeptSentences`. Every file is written atomically:
+    Memory: the word counter and, per K, the hashes in `KeptSentences`. Every file is written atomically:
     an error (one raised by `stories()` too) leaves the previous files as they were, never a half-written one.
     """
     ks, out_dir = sorted(set(ks)), Path(out_dir)
@@ -147,7 +176,7 @@ def tokenize_corpus(
     word_ids = {word: word_id for word_id, word in enumerate(vocab)}
     out_of_vocab = len(vocab)  # an id above every K: the sentence is kept nowhere
 
-    kept = {k: _KeptSentences(sentences_total=sentences_total) for k in ks}
+    kept = {k: KeptSentences(sentences_total=sentences_total) for k in ks}
     with contextlib.ExitStack() as stack:
         token_files = {}
         for k in ks:
