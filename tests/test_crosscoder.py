@@ -521,6 +521,7 @@ def test_training_recovers_a_planted_dictionary_and_registers_a_champion(project
     assert set(SEED_NAMES) <= set(run.data.metrics)
     assert run.data.metrics["final_mean_explained_variance"] == pytest.approx(metrics["mean_explained_variance"])
     assert float(champion.tags["metric.mean_explained_variance"]) == pytest.approx(metrics["mean_explained_variance"])
+    assert champion.tags["metric_revision"] == "2"  # the per-token mean: champions of (EV_a + EV_b) / 2 are replaced
 
 
 def test_the_switching_baseline_is_numpys_least_squares_map_and_the_identity(tmp_path, repo_params):

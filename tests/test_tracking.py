@@ -50,13 +50,14 @@ def test_resume_continues_the_same_run(mlflow_store):
     assert fresh.run_id != first.run_id
 
 
-def _log_and_register(scale: float, val_loss: float):
+def _log_and_register(scale: float, val_loss: float, revision: int = 1):
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
         model.weight.fill_(scale)
         model.bias.zero_()
     with stage_run(OFF, "grok_train", {}) as run:
-        version = register_if_better(run.log_torch_model(model), "regressor", "val_loss", val_loss)
+        version = register_if_better(run.log_torch_model(model), "regressor", "val_loss", val_loss,
+                                     revision=revision)
     return version
 
 
@@ -70,6 +71,16 @@ def test_champion_moves_only_when_the_metric_improves(mlflow_store):
     assert int(champion.version) == 2 and float(champion.tags["metric.val_loss"]) == 0.2
     loaded = mlflow.pytorch.load_model(f"models:/regressor@{CHAMPION}")
     assert loaded(torch.tensor([[1.0, 2.0]])).item() == pytest.approx(4.0 * 3)
+
+
+def test_a_champion_whose_metric_was_defined_otherwise_is_replaced_not_compared(mlflow_store):
+    """registry.Champion.revision: a new definition of the metric makes the old champion's value meaningless."""
+    assert int(_log_and_register(1.0, val_loss=0.1).version) == 1
+    assert _log_and_register(2.0, val_loss=0.5) is None  # same definition, worse
+    replaced = _log_and_register(3.0, val_loss=0.5, revision=2)  # worse in number, but under another definition
+    assert int(replaced.version) == 2 and replaced.tags["metric_revision"] == "2"
+    assert _log_and_register(4.0, val_loss=0.6, revision=2) is None  # from now on compared again
+    assert int(MlflowClient().get_model_version_by_alias("regressor", CHAMPION).version) == 2
 
 
 def test_wandb_offline_mirror_records_the_same_metrics(mlflow_store, tmp_path, monkeypatch):

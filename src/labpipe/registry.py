@@ -30,6 +30,9 @@ class Champion:
     lower_is_better: bool
     # (metric, low param, high param): a run is a candidate only when that final metric lies in the range
     band: tuple[str, str, str] | None = None
+    # raised when the metric's definition changes: a champion registered under another revision measured
+    # something else, so it is not compared with and the next candidate replaces it
+    revision: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +127,8 @@ LINES = (
               "train a sparse crosscoder (stage crosscoder_train)", ("crosscoder",),
               Training("crosscoder", "artifacts/crosscoder", "step", "steps",
                        Champion("crosscoder", "mean_explained_variance", lower_is_better=False,
-                                band=("l0", "crosscoder.champion_l0_min", "crosscoder.champion_l0_max")),
+                                band=("l0", "crosscoder.champion_l0_min", "crosscoder.champion_l0_max"),
+                                revision=2),  # 2: the seed's per-token mean; 1 was (EV_a + EV_b) / 2
                        extendable=False,  # lr decays to 0 at crosscoder.steps
                        also_not_trajectory=("eval_rows", "champion_l0_min", "champion_l0_max"))),
     )),

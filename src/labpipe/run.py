@@ -364,8 +364,8 @@ class TrainingRun(contextlib.AbstractContextManager):
         if champion.band is not None:
             metric, low, high = champion.band
             candidate = flat[low] <= metrics[metric] <= flat[high]
-        version = register_if_better(uri, name, champion.metric, best.value, champion.lower_is_better) \
-            if candidate else None
+        version = register_if_better(uri, name, champion.metric, best.value, champion.lower_is_better,
+                                     champion.revision) if candidate else None
         tracker.set_tags({"champion": version is not None})
         print(f"best {champion.metric} {best.value:.4f} at {self.spec.unit} {best.step}; "
               + (f"registered {name} v{version.version} as champion" if version else

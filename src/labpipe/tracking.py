@@ -238,18 +238,23 @@ def register_if_better(
     metric: str,
     value: float,
     lower_is_better: bool = True,
+    revision: int = 1,
 ) -> ModelVersion | None:
     """Register `model_uri` as a new version of `name` and move the `champion` alias to it, but only when
-    `value` of `metric` improves on the current champion's. Returns the new version, or None."""
+    `value` of `metric` improves on the current champion's, or the champion's metric is of another
+    `revision` (registry.Champion: another definition, not comparable). Returns the new version, or None."""
     client = MlflowClient()
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    if champion is not None:
+    comparable = champion is not None and f"metric.{metric}" in champion.tags \
+        and int(champion.tags.get("metric_revision", 1)) == revision
+    if comparable:
         best = float(champion.tags[f"metric.{metric}"])
         if not (value < best if lower_is_better else value > best):
             return None
-    version = mlflow.register_model(model_uri, name, tags={f"metric.{metric}": repr(float(value))})
+    version = mlflow.register_model(model_uri, name, tags={f"metric.{metric}": repr(float(value)),
+                                                           "metric_revision": str(revision)})
     client.set_registered_model_alias(name, CHAMPION, version.version)
     return version
