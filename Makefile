@@ -19,8 +19,8 @@ PENALTIES ?= none detached full
 export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: setup run run-full test test-fast test-ranks test-slurm test-docker train-grok sweep-grok grok-report train-best train-hmm sweep-hmm sweep-crosscoder \
-	sweep-crosscoder-plot ui lint doctor constraints clean
+.PHONY: setup run run-full test test-fast test-ranks test-slurm test-docker test-browser test-gpu gpu-wheels train-grok sweep-grok train-best train-hmm sweep-hmm sweep-crosscoder \
+	report ui lint doctor constraints clean
 
 setup: $(VENV)/.installed
 
@@ -43,7 +43,7 @@ run-full: setup data
 
 # One pytest worker per core (pytest-xdist): most of the suite's time is subprocesses importing torch and MLflow.
 test: setup
-	$(BIN)/python -m pytest -m "not ranks and not slurm and not docker" -n auto --dist worksteal
+	$(BIN)/python -m pytest -m "not ranks and not slurm and not docker and not browser" -n auto --dist worksteal
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not ranks and not slurm and not docker" -n auto --dist worksteal
@@ -67,6 +67,27 @@ test-docker: setup
 		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io debootstrap)
 	$(BIN)/python -m pytest -m docker -s
 
+# What people look at, opened in a real headless browser (tests/browser.py): the HTML reports and mlflow ui.
+# Debian's chromium and chromium-driver, installed when missing (root, apt); screenshots in test-results/.
+test-browser: setup
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver)
+	$(BIN)/python -m pytest -m browser
+
+# Every CUDA path on a real GPU, in under 8 minutes, set-up included (tests/gpu/run.sh): a venv over the CUDA torch
+# already there (tests/gpu/setup.sh; the rest from .whl/ or the package index), the gpu-marked tests, then
+# bench/gpu.py's figures, each beside its CPU one; results in $$OUT or test-results/gpu/. Without an NVIDIA GPU: one
+# line, exit 0, nothing set up. Needs no `make setup`: the machine's own python3 holds torch.
+test-gpu:
+	@if nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then bash tests/gpu/run.sh; \
+	else echo "make test-gpu: no NVIDIA GPU here (nvidia-smi -L lists none): skipped, nothing set up"; fi
+
+# The wheels test-gpu installs on a GPU machine that reaches no package index (tests/gpu/requirements.txt, for
+# CPython 3.12 on x86-64) into .whl/, with their size against the 64 MiB such a machine takes with the tree.
+gpu-wheels:
+	bash tests/gpu/wheels.sh
+
 train-grok: setup data
 	dvc exp run -S grok.weight_decay=$(WD)
 
@@ -75,10 +96,7 @@ sweep-grok: setup data
 	for head in $(HEADS); do for wd in $(WDS); do \
 		dvc exp run --queue -S grok.weight_decay=$$wd -S grok.output_head=$$head; done; done
 	dvc queue start --jobs 1
-	@echo "queued; follow with: dvc queue status, make ui; when done: make grok-report"
-
-grok-report: setup
-	labpipe grok-report
+	@echo "queued; follow with: dvc queue status, make ui; when done, compare them: labpipe report grok"
 
 # The seed's best model (params.best.yaml): 6 ResNet experts (64 x 5) pretrained alone, each a tracked run,
 # then a top-2 MoE gated on (n, k) fine-tuned from them as a DVC experiment. Each expert run moves the previous
@@ -112,7 +130,7 @@ sweep-hmm: setup data
 		dvc exp run --queue -S hmm.vocab_size=$$k -S hmm.hidden_states=$${pair%%:*} \
 			$(if $(BATCHES),-S hmm.batch_size=$${pair#*:}); done; done
 	dvc queue start --jobs 1
-	@echo "queued; follow with: dvc queue status, dvc exp show, make ui"
+	@echo "queued; follow with: dvc queue status, dvc exp show, make ui; when done, compare them: labpipe report hmm"
 
 # The seed's decoder-init sweep (0.08: the lab's reference) for each sparsity term (its "non-detach" runs): one
 # queued experiment (and one MLflow run) per (crosscoder.decoder_norm_in_penalty, crosscoder.dec_init_norm); the
@@ -121,13 +139,18 @@ sweep-crosscoder: setup data
 	for p in $(PENALTIES); do for n in $(NORMS); do \
 		dvc exp run --queue -S crosscoder.decoder_norm_in_penalty=$$p -S crosscoder.dec_init_norm=$$n; done; done
 	dvc queue start --jobs 1
-	@echo "queued; follow with: dvc queue status; when done: make sweep-crosscoder-plot"
+	@echo "queued; follow with: dvc queue status; when done, compare them: labpipe report crosscoder"
 
-# Dead latents and explained variance vs dec_init_norm from the MLflow runs: artifacts/crosscoder/sweep/
-sweep-crosscoder-plot: setup
-	labpipe crosscoder-sweep-plot
+# A line's runs compared (LINE: grok, hmm, lm, crosscoder, dormancy), from the MLflow store: reports/$(LINE)/
+# report.md and report.html. ARGS narrows the runs, e.g. ARGS="--dvc-exp NAME" or ARGS="--tag labpipe.job_id=ID".
+LINE ?= grok
+ARGS ?=
+report: setup
+	labpipe report $(LINE) $(ARGS)
 
+# MLflow 3's UI opens every experiment on its GenAI overview unless told the workflow: this URL shows the runs.
 ui: setup
+	@echo "the training runs: http://127.0.0.1:$(PORT)/#/experiments?workflowType=machine_learning"
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port $(PORT)
 
 lint: setup

@@ -58,11 +58,13 @@ def worker(args: argparse.Namespace) -> None:
                       "rss_bytes": rss_high_water_bytes(), "log_likelihood": result.log_likelihood}))
 
 
-def run_worker(backend: str, states: int, symbols: int, batch: int, args: argparse.Namespace) -> dict:
+def run_worker(backend: str, states: int, symbols: int, batch: int, args: argparse.Namespace,
+               timeout: float | None = None) -> dict:
+    """worker()'s figures for one backend, run in a fresh process (args: length, sequences, device)."""
     command = [sys.executable, __file__, "--worker", backend, "--states", str(states), "--symbols", str(symbols),
                "--batch", str(batch), "--length", str(args.length), "--sequences", str(args.sequences),
                "--device", args.device]
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
+    completed = subprocess.run(command, capture_output=True, text=True, check=True, timeout=timeout)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 

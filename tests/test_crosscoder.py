@@ -3,7 +3,7 @@ and numpy computations (the seed's epoch-0 counts rebuilt exactly, its per-token
 sources, epoch sums over batches); the switching baseline against numpy's lstsq; the activation buffer (atomic
 write, normalization, every row once per epoch with workers); the harvest from two tiny Llamas against their
 forward pass; training on a planted dictionary; a run in epochs and its per-epoch records, through a stop and
-resume; init_from; the champion's L0 band; the penalty x dec_init_norm sweep and its make target.
+resume; init_from; the champion's L0 band (the penalty x dec_init_norm sweep's report: test_report.py).
 Kill-and-resume and the rest of the run lifecycle: test_lifecycle.py, with make_crosscoder_project."""
 
 import copy
@@ -11,24 +11,22 @@ import json
 import math
 import pickle
 import shutil
-import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import make_queued, write_params
+from conftest import write_params
 from labpipe.checkpoint import SUPERSEDED, Checkpoints
 from labpipe.cli import main as cli
-from labpipe.config import CrosscoderParams, build, flatten, load_params
+from labpipe.config import CrosscoderParams, build, load_params
 from labpipe.crosscoder.buffer import DATA, ActivationBuffer, BatchStream, ShuffledBatches, write_buffer
 from labpipe.crosscoder.metrics import DeadLatents, Totals, median_norms, span_metrics, span_sums
 from labpipe.crosscoder.model import Crosscoder, load_crosscoder
-from labpipe.crosscoder.train import OUT_DIR, SWEEP_COLUMNS, evaluate, l1_coef_at, lr_at, plot_sweep
+from labpipe.crosscoder.train import OUT_DIR, evaluate, l1_coef_at, lr_at
 from labpipe.files import sha256_file
 
 
@@ -748,47 +746,6 @@ def test_a_length_given_twice_or_not_at_all_and_an_old_penalty_flag_are_one_line
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0], err
     assert not (directory / OUT_DIR).exists()
-
-
-# ---- the penalty x dec_init_norm sweep ------------------------------------------------------------------------
-
-
-def test_sweep_plot_takes_the_newest_comparable_run_per_penalty_and_dec_init_norm(mlflow_store, repo_params,
-                                                                                    tmp_path):
-    base = flatten(build(CrosscoderParams, repo_params["crosscoder"], where="test"), "crosscoder.")
-    experiment = mlflow.create_experiment("crosscoders")
-
-    def run(penalty: str, norm: float, dead: float, status: str = "FINISHED", metrics=SWEEP_COLUMNS,
-            **changed) -> None:
-        time.sleep(0.01)  # distinct start times
-        with mlflow.start_run(experiment_id=experiment, tags={"labpipe.stage": "crosscoder_train"}):
-            mlflow.log_params({**base, "crosscoder.decoder_norm_in_penalty": penalty,
-                               "crosscoder.dec_init_norm": norm, **changed})
-            mlflow.log_metrics({f"final_{name}": dead if name == "pct_dead_neurons" else 0.5 for name in metrics})
-            if status != "FINISHED":
-                mlflow.end_run(status)
-
-    run("full", 0.1, 0.9, **{"crosscoder.l1_coef": 5.0})  # another setting: not part of this sweep
-    run("full", 0.1, 0.5)  # superseded by the newer run at (full, 0.1)
-    run("none", 0.3, 0.2, metrics=SWEEP_COLUMNS[:3])  # an older labpipe's run, without the baseline
-    for penalty, norm, dead in (("full", 0.03, 0.3), ("full", 0.1, 0.1), ("detached", 0.08, 0.2),
-                                ("full", 1.0, 0.8), ("detached", 0.1, 0.4)):
-        run(penalty, norm, dead, **{"crosscoder.device": "cuda"})  # where it ran does not matter
-    run("full", 0.12, 0.0, status="FAILED")
-    out = tmp_path / "sweep.png"
-    table = plot_sweep(mlflow_store, out)
-    assert list(zip(table.decoder_norm_in_penalty, table.dec_init_norm, table.pct_dead_neurons, strict=True)) == [
-        ("detached", 0.08, 0.2), ("detached", 0.1, 0.4), ("full", 0.03, 0.3), ("full", 0.1, 0.1), ("full", 1.0, 0.8)]
-    assert out.stat().st_size > 0
-    pd.testing.assert_frame_equal(pd.read_csv(out.with_suffix(".csv")), table)
-
-
-def test_make_sweep_crosscoder_queues_every_penalty_at_every_norm_including_the_labs_0_08():
-    queued = make_queued("sweep-crosscoder")
-    norms = [0.03, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 1]
-    assert sorted(map(sorted, queued)) == sorted(
-        sorted([f"crosscoder.decoder_norm_in_penalty={p}", f"crosscoder.dec_init_norm={n:g}"])
-        for p in ("none", "detached", "full") for n in norms)  # 24 runs, each once
 
 
 # ---- CUDA -------------------------------------------------------------------------------------------------------

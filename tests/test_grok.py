@@ -280,28 +280,3 @@ def test_fine_tuning_starts_from_the_registered_champion_and_a_bad_source_is_one
     (directory / "best.pt").write_bytes((OUT_DIR / "model.pt").read_bytes())
     with pytest.raises(InputError, match=r"grok.init_from=best.pt: the weights do not fit the model"):
         _entered_weights(["grok.init_from=best.pt", "grok.width=8"])
-
-
-def test_the_report_puts_the_runs_side_by_side(project, capsys):
-    """Two runs of a wd sweep: the report's rows name the param that differs and hold each run's own best
-    val and test loss (as its metrics.json said); without runs it is one line."""
-    from labpipe.grok.report import main as report
-    from labpipe.grok.train import run_train
-
-    directory, repo_params = project
-    make_grok_project(directory, repo_params, epochs=6, val_every=3)
-    assert report([]) == 2 and "no finished grok_train run" in capsys.readouterr().err
-    written = {}
-    for wd in ("0.01", "0.1"):
-        run_train(load_params("params.yaml", [f"grok.weight_decay={wd}"]))
-        written[wd] = json.loads((OUT_DIR / "metrics.json").read_text())
-    assert report(["--out", "report"]) == 0
-    table = pd.read_csv(directory / "report" / "runs.csv", dtype={"grok.weight_decay": str})
-    assert [c for c in table.columns if c.startswith("grok.")] == ["grok.weight_decay"]
-    for _, row in table.iterrows():
-        expected = written[row["grok.weight_decay"]]
-        assert row.best_val_loss == pytest.approx(expected["best_val_loss"])
-        assert row.best_epoch == expected["best_epoch"] and row.test_loss == pytest.approx(expected["test_loss"])
-        assert row.stop_reason == "grok.epochs" and row.grokking_epoch == "none"
-    assert sorted(table["grok.weight_decay"]) == ["0.01", "0.1"]
-    assert (directory / "report" / "curves.png").stat().st_size > 10_000

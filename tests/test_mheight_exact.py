@@ -1,4 +1,6 @@
-"""Exact m-heights against independent oracles: an LP enumeration, analog-ecc-heights, brute force."""
+"""Exact m-heights against independent oracles: an LP enumeration, exact rational vertex enumeration,
+analog-ecc-heights, brute force. Both implementations are checked: the CPU kernel (what m_heights runs here)
+and the torch enumeration (the GPU path, run on the CPU)."""
 
 from itertools import combinations
 
@@ -7,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from labpipe.mheight import m_height, m_heights, m_heights_batch, minimum_distance, systematic_generator
-from reference import brute_force_lower_bound, lp_m_height
+from labpipe.mheight import exact, m_height, m_heights, m_heights_batch, minimum_distance, systematic_generator
+from reference import brute_force_lower_bound, exact_m_heights, lp_m_height
 
 KINDS = ("integer", "integer_with_zeros", "small_integer", "real", "non_systematic")
 
@@ -38,6 +40,15 @@ def mixed_codes(n: int, k: int, count: int) -> list[np.ndarray]:
     return [make_code(n, k, KINDS[seed % len(KINDS)], seed) for seed in range(count)]
 
 
+def torch_heights_batch(codes, chunk: int = 256) -> np.ndarray:
+    """The GPU path's torch enumeration, on the CPU."""
+    return exact._torch_profiles(exact._validated(codes, ndim=3), torch.device("cpu"), chunk)
+
+
+def both_paths(G) -> dict[str, np.ndarray]:
+    return {"kernel": m_heights(G), "torch": torch_heights_batch(np.asarray(G, dtype=np.float64)[None])[0]}
+
+
 def brute_force_minimum_distance(G: np.ndarray) -> int:
     """n - (largest column set Z with rank(G_Z) < k), trying every Z."""
     k, n = G.shape
@@ -65,7 +76,8 @@ SMALL_CODES = [  # two kinds per shape, rotating
 def test_every_m_matches_lp_enumeration(n, k, kind, seed):
     G = make_code(n, k, kind, seed)
     expected = [lp_m_height(G, m) for m in range(n)]
-    np.testing.assert_allclose(m_heights(G), expected, rtol=1e-9)
+    for path, heights in both_paths(G).items():
+        np.testing.assert_allclose(heights, expected, rtol=1e-9, err_msg=path)
 
 
 EDGE_CODES = {
@@ -79,7 +91,19 @@ EDGE_CODES = {
 def test_edge_shapes_match_lp_enumeration(G):
     G = np.asarray(G)
     expected = [lp_m_height(G, m) for m in range(G.shape[1])]
-    np.testing.assert_allclose(m_heights(G), expected, rtol=1e-9)
+    for path, heights in both_paths(G).items():
+        np.testing.assert_allclose(heights, expected, rtol=1e-9, err_msg=path)
+
+
+INTEGER_CODES = [(n, k, kind, seed) for seed, (n, k) in enumerate([(5, 2), (6, 3), (7, 3), (7, 4), (8, 4), (9, 5)])
+                 for kind in ("integer", "integer_with_zeros", "small_integer")]
+
+
+@pytest.mark.parametrize("n,k,kind,seed", INTEGER_CODES)
+def test_integer_codes_get_the_correctly_rounded_exact_heights(n, k, kind, seed):
+    # Every minor of an integer P is exact in float64, so the kernel's heights are the exact rationals, rounded.
+    G = make_code(n, k, kind, seed)
+    np.testing.assert_array_equal(m_heights(G), [float(h) for h in exact_m_heights(G)])
 
 
 def test_small_codes_cover_infinite_heights_below_the_singleton_bound():
@@ -130,10 +154,23 @@ def test_invariant_under_column_permutation_and_change_of_basis(kind):
 @pytest.mark.parametrize("n,k", [(6, 3), (7, 2), (8, 4), (8, 5)])
 def test_infinite_exactly_from_the_brute_force_minimum_distance(n, k):
     codes = mixed_codes(n, k, 12)
-    for G, heights in zip(codes, m_heights_batch(np.stack(codes)), strict=True):
-        d = brute_force_minimum_distance(G)
-        assert minimum_distance(G) == d
-        np.testing.assert_array_equal(np.isinf(heights), np.arange(n) >= d)
+    for path, profiles in (("kernel", m_heights_batch(np.stack(codes))), ("torch", torch_heights_batch(codes))):
+        for G, heights in zip(codes, profiles, strict=True):
+            d = brute_force_minimum_distance(G)
+            assert minimum_distance(G) == d
+            np.testing.assert_array_equal(np.isinf(heights), np.arange(n) >= d, err_msg=path)
+
+
+@pytest.mark.parametrize("delta,distance", [(1e-13, 3), (2.0**-51, 2)])
+def test_blocks_at_the_rank_rules_limit_are_decided_by_their_singular_values(delta, distance):
+    # Block {2, 3} = [[1, 1], [1, 1 + delta]] has cond_2 ~ 4 / delta: for 1e-13 invertible by the rule
+    # (sigma_min > sigma_max k eps), too close to its limit for the determinant to certify it; for 2^-51 singular,
+    # though its determinant, delta, is not 0.
+    G = systematic_generator([[1.0, 1.0], [1.0, 1.0 + delta]])
+    assert brute_force_minimum_distance(G) == distance
+    assert minimum_distance(G) == distance
+    for path, heights in both_paths(G).items():
+        np.testing.assert_array_equal(np.isinf(heights), np.arange(4) >= distance, err_msg=path)
 
 
 @pytest.mark.parametrize("n,k", [(6, 3), (8, 4), (10, 5)])
@@ -147,9 +184,21 @@ def test_random_messages_never_beat_the_exact_height(n, k):
 
 def test_batch_matches_single_codes_across_chunks():
     codes = np.stack(mixed_codes(7, 3, 11))
-    batch = m_heights_batch(codes, chunk=4)
-    np.testing.assert_allclose(batch, [m_heights(G) for G in codes], rtol=1e-12)
+    batch = m_heights_batch(codes)
+    np.testing.assert_array_equal(batch, [m_heights(G) for G in codes])
+    np.testing.assert_allclose(torch_heights_batch(codes, chunk=4), batch, rtol=1e-12)
     assert m_heights_batch(np.empty((0, 3, 7))).shape == (0, 7)
+    assert torch_heights_batch(np.empty((0, 3, 7))).shape == (0, 7)
+
+
+@pytest.mark.parametrize("n,k", [(9, 4), (9, 5), (9, 6), (10, 4), (10, 5), (10, 6)])
+def test_torch_path_matches_the_kernel_on_the_lab_shapes(n, k):
+    # The torch path solves each block by LU: its rounding grows with the block's condition number (up to ~3e-12
+    # relative on integer (10, 5) codes, where the kernel is exact).
+    codes = np.stack(mixed_codes(n, k, 40))
+    kernel, torch_path = m_heights_batch(codes), torch_heights_batch(codes)
+    np.testing.assert_array_equal(np.isinf(kernel), np.isinf(torch_path))
+    np.testing.assert_allclose(kernel, torch_path, rtol=1e-10)
 
 
 def test_m_height_reads_the_profile():
@@ -166,7 +215,9 @@ def test_systematic_generator():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     codes = np.stack(mixed_codes(10, 5, 64))
-    np.testing.assert_allclose(m_heights_batch(codes, device="cuda"), m_heights_batch(codes), rtol=1e-12)
+    on_cuda, on_cpu = m_heights_batch(codes, device="cuda"), m_heights_batch(codes)
+    np.testing.assert_array_equal(np.isinf(on_cuda), np.isinf(on_cpu))
+    np.testing.assert_allclose(on_cuda, on_cpu, rtol=1e-10)  # the torch path's LU rounding, as on the CPU
 
 
 # ---------------------------------------------------------------------------
@@ -194,6 +245,9 @@ def batch_with(bad_code: np.ndarray, index: int) -> np.ndarray:
     (lambda: m_heights_batch(np.stack([RANK_ONE, np.eye(2, 3)])), r"code 0 .*not full row rank"),
     (lambda: m_heights_batch(np.stack([np.eye(2, 3), RANK_ONE]), chunk=1), r"code 1 .*not full row rank"),
     (lambda: minimum_distance(RANK_ONE), r"not full row rank"),
+    (lambda: torch_heights_batch(batch_with(WITH_NAN, 1)), r"code 1 .*NaN or inf"),
+    (lambda: torch_heights_batch(np.stack([np.eye(2, 3), RANK_ONE])), r"code 1 .*not full row rank"),
+    (lambda: m_heights(systematic_generator([[1e200, 1.0], [1.0, 1e200]])), r"code 0 .*too large.*overflows"),
     (lambda: m_heights_batch(np.stack([FULL_RANK]), chunk=0), r"chunk must be a positive int, got 0"),
     (lambda: m_height(FULL_RANK, 4), r"m must be an int in 0\.\.3 \(n=4\), got 4"),
     (lambda: m_height(FULL_RANK, -1), r"0\.\.3.*got -1"),

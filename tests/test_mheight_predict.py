@@ -176,7 +176,8 @@ def test_a_champion_logged_to_mlflow_predicts_as_its_model_file(saved, mlflow_st
 
     directory, frame, _model = saved
     model = load_regressor(str(directory / "model.pt"))
-    with stage_run(TrackingParams(wandb="off", wandb_project="labpipe-tests"), "grok_train", {}) as run:
+    tracking = TrackingParams("off", "labpipe-tests", system_metrics=False, system_metrics_interval_s=10.0)
+    with stage_run(tracking, "grok_train", {}) as run:
         register_if_better(run.log_torch_model(model), "mheight-regressor", "val_loss", 1.0)
     frame.to_parquet(directory / "codes.parquet")
     by_file = run_labpipe(directory, ["mheight-predict", "codes.parquet", "--model", "model.pt", "--out",

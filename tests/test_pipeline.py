@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from conftest import copy_project, tiny_params, write_params
@@ -73,6 +74,20 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     dormancy = pd.read_csv(project / "artifacts/dormancy/results.csv")
     assert sorted(dormancy.step.unique()) == [2, 4]  # one revision per lm_train checkpoint
 
+    # Every stage's run logged the data it read as datasets whose digests are the md5s DVC locked for those deps
+    # (files and .dir listings alike), is named by its stage alone (params.yaml as committed), and its
+    # experiment opens on its runs.
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    every_run = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert sorted(r.data.tags["labpipe.stage"] for r in every_run) == sorted(stages)
+    for run in every_run:
+        stage = run.data.tags["labpipe.stage"]
+        assert run.info.run_name == stage
+        locked = {dep["path"]: dep["md5"] for dep in lock[stage]["deps"] if not dep["path"].startswith("src/")}
+        assert {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs} == locked, stage
+        assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == \
+            "custom_model_development"
+
     again = _sh(["dvc", "repro"], project, env)
     assert "Running stage" not in again  # nothing changed, nothing reruns
 
@@ -90,6 +105,7 @@ def test_dvc_repro_runs_the_graph_tracks_it_in_mlflow_and_registers_a_champion(t
     assert len(grok_runs) == 2
     swept = next(r for r in grok_runs if r.data.params["grok.weight_decay"] == "0.03")
     assert swept.data.tags["dvc.exp_name"] == name  # the MLflow run names its DVC experiment
+    assert swept.info.run_name == "grok_train wd=0.03"  # -S edited params.yaml: the commit is the reference
     # ... and `dvc exp show` compares the same numbers that MLflow holds for it.
     assert exp_metrics["final_val_loss"] == pytest.approx(swept.data.metrics["val_loss"])
 

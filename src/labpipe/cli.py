@@ -23,15 +23,14 @@ STAGES["synth-verify"] = ("labpipe.synth.generate:run_verify", "check every shar
 # verb -> (module:function, what it does): tools with their own flags; the function takes argv, returns the exit code.
 TOOLS = {
     "dormancy-plot": ("labpipe.dormancy.plots:main", "the three dormancy plots and summary statistics from a CSV"),
-    "crosscoder-sweep-plot": ("labpipe.crosscoder.train:main",
-                              "dead latents and explained variance vs dec_init_norm from the MLflow runs"),
     "doctor": ("labpipe.doctor:main", "check torch/CUDA, MLflow, DVC and disk; non-zero when a requirement fails"),
     "jobs": ("labpipe.cluster.jobs:main", "submit, list, show, modify and cancel jobs (local DVC queue or Slurm)"),
     "accelerators": ("labpipe.cluster.accelerators:main", "GPUs here, or per node of the Slurm cluster"),
     "checkpoints": ("labpipe.checkpoint:main", "each training stage's checkpoints; --prune deletes those moved aside"),
     "mheight-predict": ("labpipe.grok.predict:main",
                         "m-heights of codes from the trained regressor; --exact: against the exact heights"),
-    "grok-report": ("labpipe.grok.report:main", "the grok_train runs side by side: table and curves (the wd sweep)"),
+    "report": ("labpipe.report.main:main",
+               "a line's runs compared (grok, hmm, lm, crosscoder, dormancy): reports/<line>/report.{md,html}"),
     "hmm-sample": ("labpipe.hmm.sample:main",
                    "sentences sampled from a saved HMM, each state's top words, next words after a --prompt"),
     "lm-sample": ("labpipe.lm.sample:main", "sequences sampled from a saved LM, as the HMM's words where they apply"),

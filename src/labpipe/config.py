@@ -56,6 +56,8 @@ Fraction = Annotated[float, Bound(0, 1)]
 class TrackingParams:
     wandb: Literal["off", "offline", "online"]  # optional mirror of every MLflow run
     wandb_project: str
+    system_metrics: bool  # CPU, memory, disk, network and GPU of each training run: MLflow's system/* metrics
+    system_metrics_interval_s: Annotated[float, Bound(1)]  # seconds between two samples
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """The research lines of labpipe, declared in one place.
 
-A line is an MLflow experiment, the params sections it owns, and its stages: the verb a DVC stage runs, the
-function behind it, the sections it reads, and, for a training stage, how the shared run lifecycle
-(labpipe.run) treats it: checkpoint unit and form, the run-length param, the champion rule. The CLI's verb
-table, the Params composition (config.py) and doctor's stage map are read from here. A new line is a
-package, one entry in LINES and its stages in dvc.yaml.
+A line is an MLflow experiment, the params sections it owns, the short labels of its well-known knobs in run
+names, and its stages: the verb a DVC stage runs, the function behind it, the sections it reads, and, for a
+training stage, how the shared run lifecycle (labpipe.run) treats it: checkpoint unit and form, the run-length
+param, the champion rule. The CLI's verb table, the Params composition (config.py) and doctor's stage map are
+read from here. A new line is a package, one entry in LINES and its stages in dvc.yaml.
 
 Nothing here imports a line's code: section classes and entry points are named as "module:attribute" and
 resolved only when used, so reading the registry stays cheap.
@@ -75,6 +75,9 @@ class Line:
     experiment: str  # the MLflow experiment of every stage of the line
     sections: dict[str, str]  # params section -> "module:DataclassName"
     stages: tuple[Stage, ...]
+    # param -> its label in MLflow run names (`hmm_train H=128 K=200`); "": the value alone (`moe`). Other
+    # params that differ from params.yaml appear by their last segment (`lr=0.002`)
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 LINES = (
@@ -90,7 +93,8 @@ LINES = (
                             Champion("mheight-regressor", "val_loss", lower_is_better=True),
                             # when to stop and what is detected: the epochs run, not what each epoch does
                             also_not_trajectory=("grokking_window", "grokking_drop", "stop_after_plateau"))),
-         )),
+         ), {"grok.weight_decay": "wd", "grok.model": "", "grok.init_from": "from",
+             "grok.init_experts_from": "experts"}),
     Line("icl", "in-context-language-learning",
          {"text": "labpipe.config:TextParams", "hmm": "labpipe.config:HMMParams",
           "synth": "labpipe.config:SynthParams", "lm": "labpipe.config:LMParams"}, (
@@ -115,7 +119,9 @@ LINES = (
                             step_batch=("batch_size", "grad_accum_steps"), data_parallel=True)),
              Stage("lm_eval", "lm-eval", "labpipe.lm.evaluate:run_eval",
                    "in-context learning curve: LM vs HMM Bayes loss (stage lm_eval)", ("lm", "hmm")),
-         )),
+         ), {"hmm.hidden_states": "H", "hmm.vocab_size": "K", "hmm.seq_length": "L", "hmm.batch_size": "B",
+             "hmm.update_freq": "uf", "hmm.train_unique": "unique", "lm.hidden_size": "d", "lm.layers": "layers",
+             "lm.batch_size": "B", "lm.max_steps": "steps", "lm.init_from": "from"}),
     Line("dormancy", "dormant-neurons", {"dormancy": "labpipe.config:DormancyParams"}, (
         Stage("dormancy", "dormancy", "labpipe.dormancy.analysis:run_dormancy",
               "dormant neurons across checkpoints, appended to a CSV", ("dormancy",)),
@@ -131,7 +137,8 @@ LINES = (
                                 revision=2),  # 2: the seed's per-token mean; 1 was (EV_a + EV_b) / 2
                        extendable=False,  # lr decays to 0 at crosscoder.steps
                        also_not_trajectory=("eval_rows", "champion_l0_min", "champion_l0_max"))),
-    )),
+    ), {"crosscoder.dec_init_norm": "dec_init", "crosscoder.decoder_norm_in_penalty": "", "crosscoder.l1_coef": "l1",
+        "crosscoder.dict_size": "F"}),
 )
 
 STAGES = {stage.name: stage for line in LINES for stage in line.stages}

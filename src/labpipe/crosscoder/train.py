@@ -38,7 +38,6 @@ sparsity.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from pathlib import Path
@@ -54,8 +53,7 @@ from labpipe.crosscoder.buffer import META, ActivationBuffer, BatchStream
 from labpipe.crosscoder.metrics import DeadLatents, Totals, combine, median, median_norms, span_metrics, span_sums
 from labpipe.crosscoder.model import Crosscoder, LossTerms
 from labpipe.device import resolve_device
-from labpipe.errors import InputError
-from labpipe.files import atomic_path, save_torch, write_json
+from labpipe.files import save_torch, write_json
 from labpipe.plotting import pyplot, save_figure
 from labpipe.run import TrainingRun, load_into
 
@@ -226,11 +224,14 @@ def write_outputs(out: Path, model: Crosscoder, buffer: ActivationBuffer, histor
     frame = pd.DataFrame(history)
     frame.to_csv(out / "history.csv", index=False)
     pd.DataFrame(epochs).to_csv(out / "epochs.csv", index=False)
-    plot_training(frame, final, out / "plots" / "training.png")
+    plot_training(frame, final, out / "plots" / "training.png",
+                  f"crosscoder F={c.dict_size}, dec_init_norm={c.dec_init_norm:g}, decoder norms in penalty: "
+                  f"{c.decoder_norm_in_penalty}")
 
 
-def plot_training(history: pd.DataFrame, final: dict, path: Path) -> None:
-    """Explained variance (a, b, mean; the switching baseline's for b) and dead latents (%) against the step."""
+def plot_training(history: pd.DataFrame, final: dict, path: Path, title: str) -> None:
+    """Explained variance (a, b, mean; the switching baseline's for b) and dead latents (%) against the step;
+    `title` names the run's settings."""
     plt = pyplot()
     figure, (ev, dead) = plt.subplots(1, 2, figsize=(10, 4))
     for column, label in (("mean_explained_variance", "mean"), ("mean_explained_variance_a", "source a"),
@@ -243,84 +244,6 @@ def plot_training(history: pd.DataFrame, final: dict, path: Path) -> None:
     ev.legend()
     dead.plot(history.step, 100 * history.pct_dead_neurons)
     dead.set(xlabel="step", ylabel="dead latents (%)", title="Dead latents")
+    figure.suptitle(title)
     save_figure(figure, path)
 
-
-# ----------------------------------------------------------------------------- the penalty x dec_init_norm sweep
-
-# Params that do not change what a run computes (the registry's, less eval_rows: it changes the final metrics the
-# sweep compares): runs that differ only in these (and the swept keys) compare.
-_NOT_RESULTS = {f"crosscoder.{key}" for key in (*registry.NOT_TRAJECTORY, *STAGE.training.also_not_trajectory)
-                if key != "eval_rows"}
-SWEPT = ("crosscoder.decoder_norm_in_penalty", "crosscoder.dec_init_norm")
-SWEEP_COLUMNS = ("mean_explained_variance", "mean_explained_variance_a", "mean_explained_variance_b",
-                 "explained_variance_b", "switch_linear_explained_variance_b", "pct_dead_neurons",
-                 "total_dead_neurons", "l0")
-
-
-def sweep_table(tracking_uri: str) -> pd.DataFrame:
-    """One row per (decoder_norm_in_penalty, dec_init_norm): the final metrics of the finished crosscoder_train
-    runs comparable to the newest one (equal in every param that changes the result, but those two, and with
-    every metric of the table: runs of an older labpipe lack some), the newest run per pair."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri)
-    line = registry.line_of(STAGE.name).experiment
-    experiment = client.get_experiment_by_name(line)
-    runs = [] if experiment is None else client.search_runs(
-        [experiment.experiment_id], "tags.`labpipe.stage` = 'crosscoder_train' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"])
-    runs = [run for run in runs if all(f"final_{name}" in run.data.metrics for name in SWEEP_COLUMNS)]
-    if not runs:
-        raise InputError(f"no finished crosscoder_train runs in experiment {line!r} of {tracking_uri}")
-
-    def setting(run) -> dict:
-        return {k: v for k, v in run.data.params.items() if k not in _NOT_RESULTS | set(SWEPT)}
-
-    rows = {}
-    for run in runs:  # newest first
-        penalty, norm = run.data.params[SWEPT[0]], float(run.data.params[SWEPT[1]])
-        if setting(run) == setting(runs[0]) and (penalty, norm) not in rows:
-            rows[penalty, norm] = {"decoder_norm_in_penalty": penalty, "dec_init_norm": norm,
-                                   "run_id": run.info.run_id,
-                                   **{name: run.data.metrics[f"final_{name}"] for name in SWEEP_COLUMNS}}
-    return pd.DataFrame([rows[key] for key in sorted(rows)])
-
-
-def plot_sweep(tracking_uri: str, out_path: str | Path) -> pd.DataFrame:
-    """Dead latents and explained variance against dec_init_norm, one line per decoder_norm_in_penalty (the
-    seed's sweep: 0.03 .. 1, and its non-detach runs) from the MLflow runs of the crosscoders experiment; writes
-    the plot and its table (a CSV beside it). Returns the table."""
-    out_path = Path(out_path)
-    table = sweep_table(tracking_uri)
-    plt = pyplot()
-    figure, (dead, ev) = plt.subplots(1, 2, figsize=(10, 4))
-    for penalty, runs in table.groupby("decoder_norm_in_penalty", sort=True):
-        dead.plot(runs.dec_init_norm, 100 * runs.pct_dead_neurons, marker="o", label=penalty)
-        ev.plot(runs.dec_init_norm, runs.mean_explained_variance, marker="o", label=penalty)
-    dead.set(xscale="log", xlabel="dec_init_norm", ylabel="dead latents at the end (%)", title="Dead latents")
-    dead.legend(title="decoder norm in penalty")
-    ev.set(xscale="log", xlabel="dec_init_norm", ylabel="mean explained variance", title="Reconstruction")
-    ev.legend(title="decoder norm in penalty")
-    save_figure(figure, out_path)
-    with atomic_path(out_path.with_suffix(".csv")) as tmp:
-        table.to_csv(tmp, index=False)
-    return table
-
-
-def main(argv: list[str] | None = None) -> int:
-    """labpipe crosscoder-sweep-plot [--out PATH] [--tracking-uri URI]."""
-    from labpipe.tracking import tracking_uri
-
-    parser = argparse.ArgumentParser(prog="labpipe crosscoder-sweep-plot", description=plot_sweep.__doc__)
-    parser.add_argument("--out", default=str(OUT_DIR / "sweep" / "dec_init_norm.png"))
-    parser.add_argument("--tracking-uri", default=None, help="default: the project's store (MLFLOW_TRACKING_URI)")
-    args = parser.parse_args(argv)
-    try:
-        table = plot_sweep(args.tracking_uri or tracking_uri(), args.out)
-    except ValueError as error:
-        print(f"crosscoder-sweep-plot: error: {error}")
-        return 2
-    print(table.to_string(index=False))
-    print(f"wrote {args.out} and {Path(args.out).with_suffix('.csv')}")
-    return 0

@@ -83,37 +83,43 @@ def save_plots(results: pd.DataFrame, prefix: str, threshold: float | None = Non
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from labpipe.plotting import write_png
+
     threshold = choose_threshold(results, threshold)
     results = results[results.threshold.astype(float) == threshold]
     paths = [Path(prefix + name) for name in PLOTS]
+    model = Path(str(results.model.iloc[0])).name  # a hub name's last part, or lm_train's checkpoints folder
     paths[0].parent.mkdir(parents=True, exist_ok=True)
 
     figure, axis = plt.subplots(figsize=(7, 4))
     by_step = over_steps(results)
     axis.plot(by_step.index, by_step["mean"], marker="o", label="mean across layers")
     axis.fill_between(by_step.index, by_step["min"], by_step["max"], alpha=0.25, label="min to max")
-    axis.set(xlabel="training step", ylabel="% dormant", title=f"Dormant neurons (tau = {threshold:g})")
+    axis.set(xlabel="training step", ylabel="% dormant", title=f"Dormant neurons of {model} (tau = {threshold:g})")
     axis.legend()
-    figure.savefig(paths[0], dpi=120, bbox_inches="tight")
+    figures = [figure]
 
     table = heatmap(results, max_layers_heatmap)
     figure2, axis = plt.subplots(figsize=(8, 0.4 * len(table) + 2))
     image = axis.imshow(table.to_numpy(), aspect="auto", cmap="viridis")
     axis.set_xticks(range(len(table.columns)), [str(s) for s in table.columns], rotation=45)
     axis.set_yticks(range(len(table.index)), [str(i) for i in table.index])
-    axis.set(xlabel="training step", ylabel="layer", title=f"% dormant per layer (tau = {threshold:g})")
+    axis.set(xlabel="training step", ylabel="layer", title=f"% dormant per layer of {model} (tau = {threshold:g})")
     figure2.colorbar(image, ax=axis, label="% dormant")
-    figure2.savefig(paths[1], dpi=120, bbox_inches="tight")
+    figures.append(figure2)
 
     figure3, axis = plt.subplots(figsize=(7, 4))
     for layer, series in most_variable_layers(results, num_layers_evolution).items():
         axis.plot(series.index, series.to_numpy(), marker="o", label=f"layer {layer}")
-    axis.set(xlabel="training step", ylabel="% dormant", title="The most variable layers")
+    axis.set(xlabel="training step", ylabel="% dormant",
+             title=f"The most variable layers of {model} (tau = {threshold:g})")
     axis.legend()
-    figure3.savefig(paths[2], dpi=120, bbox_inches="tight")
+    figures.append(figure3)
+    for fig, path in zip(figures, paths, strict=True):  # written before show(), which empties them on close
+        write_png(fig, path)
     if show:
         plt.show()
-    for fig in (figure, figure2, figure3):
+    for fig in figures:
         plt.close(fig)
     return paths
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: stages run headless
-import matplotlib.pyplot as plt  # noqa: E402
+from labpipe.plotting import pyplot, save_figure
 
 
 def _mark(ax, spikes: list[int], grokking_epoch: int | None, legend: bool) -> None:
@@ -20,19 +17,18 @@ def _mark(ax, spikes: list[int], grokking_epoch: int | None, legend: bool) -> No
 
 
 def plot_history(train_history: list[dict], val_history: list[dict], spikes: list[int], grokking_epoch: int | None,
-                 out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+                 out_dir: Path, title: str) -> None:
+    """loss.png and norms.png in out_dir; `title` names the run (its model and weight decay)."""
+    plt = pyplot()
     epochs = [r["epoch"] for r in train_history]
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.plot(epochs, [r["train_loss"] for r in train_history], label="train")
     ax.plot([r["epoch"] for r in val_history], [r["val_loss"] for r in val_history], "o-", label="val")
     _mark(ax, spikes, grokking_epoch, legend=True)
-    ax.set(xlabel="epoch", ylabel="(log2 h - log2 h_hat)^2", yscale="log", title="m-height regressor")
+    ax.set(xlabel="epoch", ylabel="(log2 h - log2 h_hat)^2 (bits^2)", yscale="log", title=f"Loss, {title}")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, out_dir / "loss.png")
 
     layers = [key for key in train_history[0] if key.startswith("weight_norm/")]
     fig, axes = plt.subplots(4, 1, figsize=(8, 10.5), sharex=True)
@@ -45,12 +41,10 @@ def plot_history(train_history: list[dict], val_history: list[dict], spikes: lis
     for key in layers:
         axes[3].plot(epochs, [r[key] for r in train_history], label=key.removeprefix("weight_norm/"), linewidth=1)
     axes[3].set_ylabel("weight norm per layer")
-    if len(layers) <= 12:
-        axes[3].legend(fontsize=6, ncol=2)
+    axes[3].legend(fontsize=6, ncol=max(2, -(-len(layers) // 8)))  # at most 8 rows: 17 layers in 3 columns
     _mark(axes[3], spikes, grokking_epoch, legend=False)
     axes[1].set_yscale("log")
     axes[2].set_yscale("log")
     axes[-1].set_xlabel("epoch")
-    fig.tight_layout()
-    fig.savefig(out_dir / "norms.png", dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"Norms, {title}")
+    save_figure(fig, out_dir / "norms.png")

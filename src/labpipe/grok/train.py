@@ -255,5 +255,7 @@ def write_outputs(out: Path, state: TrainState, layout: FeatureLayout, g: GrokPa
     pd.DataFrame(state.history).to_csv(out / "train_history.csv", index=False)  # per-layer norms included
     pd.DataFrame(state.extra["val_history"]).to_csv(out / "val_history.csv", index=False)
     grokking_epoch = report["grokking"]["epoch"] if report["grokking"] else None
-    plot_history(state.history, state.extra["val_history"], state.extra["spikes"], grokking_epoch, out / "plots")
+    title = f"{g.model} {g.width}x{g.blocks}, wd={g.weight_decay:g}"
+    plot_history(state.history, state.extra["val_history"], state.extra["spikes"], grokking_epoch, out / "plots",
+                 title)
 

@@ -19,7 +19,6 @@ rows by position), the import check's sample [seed, VERIFY_STREAM], the subsampl
 from __future__ import annotations
 
 import glob
-import multiprocessing
 import os
 import re
 import time
@@ -77,16 +76,16 @@ def generators(P: np.ndarray) -> np.ndarray:
 
 
 def exact_device(params: MHeightParams) -> str:
-    """mheight.device, resolved once in the main process: under `device: auto` a spawned worker would
-    otherwise pick CUDA for itself, each opening its own CUDA context."""
+    """mheight.device, resolved once (`auto`: CUDA when present), a missing device named as mheight.device."""
     return str(resolve_device(params.device, "mheight.device"))
 
 
 # ----------------------------------------------------------------------------- generation
 
 
-def _generate_task(task: tuple) -> tuple[int, np.ndarray, np.ndarray]:
-    group_index, chunk_index, (n, k, m), count, params, device = task
+def _generate_chunk(params: MHeightParams, group_index: int, chunk_index: int, group: tuple, count: int,
+                    device: str) -> tuple[np.ndarray, np.ndarray]:
+    n, k, m = group
     # One seed per (group, chunk): the dataset depends on params.seed only, not on how it was split.
     rng = np.random.default_rng([params.seed, group_index, chunk_index])
     shape = (count, k, n - k)
@@ -96,38 +95,22 @@ def _generate_task(task: tuple) -> tuple[int, np.ndarray, np.ndarray]:
     else:
         P = rng.uniform(-params.p_max, params.p_max, size=shape)
     heights = m_heights_batch(generators(P), device=device)[:, m]
-    return group_index, P.reshape(count, -1), heights
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # parallelism comes from the processes; threads would oversubscribe
+    return P.reshape(count, -1), heights
 
 
 def generate(params: MHeightParams) -> pd.DataFrame:
-    """samples_per_group random codes per group with exact heights, unassigned to any split: on a GPU in
-    this process, on the CPU in `params.workers` processes."""
+    """samples_per_group random codes per group with exact heights, unassigned to any split, computed in this
+    process: on the CPU the kernel threads over each chunk's codes, on a GPU the torch path batches them."""
     device = exact_device(params)
     group_list = groups(params)
-    tasks = []
-    for group_index, group in enumerate(group_list):
-        for chunk_index, start in enumerate(range(0, params.samples_per_group, CODES_PER_TASK)):
-            count = min(CODES_PER_TASK, params.samples_per_group - start)
-            tasks.append((group_index, chunk_index, group, count, params, device))
     results: dict[int, list] = {i: [] for i in range(len(group_list))}
     with tqdm(total=len(group_list) * params.samples_per_group, desc="exact m-heights", unit="code") as bar:
-        if params.workers > 1 and device == "cpu":
-            ctx = multiprocessing.get_context("spawn")  # fork after torch is imported is unsafe
-            with ctx.Pool(params.workers, initializer=_init_worker) as pool:
-                for group_index, P, heights in pool.imap(_generate_task, tasks):
-                    results[group_index].append((P, heights))
-                    bar.update(len(heights))
-        else:
-            for task in tasks:
-                group_index, P, heights = _generate_task(task)
+        for group_index, group in enumerate(group_list):
+            for chunk_index, start in enumerate(range(0, params.samples_per_group, CODES_PER_TASK)):
+                count = min(CODES_PER_TASK, params.samples_per_group - start)
+                P, heights = _generate_chunk(params, group_index, chunk_index, group, count, device)
                 results[group_index].append((P, heights))
-                bar.update(len(heights))
+                bar.update(count)
     frames = []
     for group_index, (n, k, m) in enumerate(group_list):
         P = np.concatenate([p for p, _ in results[group_index]])

@@ -14,7 +14,10 @@ maximum of h_m(c) over x != 0. Two facts make it computable exactly:
 
 So the whole profile h_0..h_(n-1) is the maximum, over the candidate codewords
 c = s G_S^-1 G, of sorted |c| ratios, with h_m set to infinity for m >= d.
-Everything runs batched in torch float64, on the CPU or a GPU.
+
+Two implementations, chosen by device: on the CPU, labpipe.mheight.kernel (numba, the same LPs
+at their dual vertices, threaded over codes); on a GPU, the enumeration below, batched in torch
+float64. Both count a block G_S as invertible by numpy's rank rule.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from labpipe.device import resolve_device
+from labpipe.mheight import kernel
 
 EPS = float(np.finfo(np.float64).eps)
 
@@ -40,7 +44,7 @@ def systematic_generator(P) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Combinatorial tables, cached per shape
+# The torch path (GPUs): combinatorial tables, cached per shape
 
 
 @functools.cache
@@ -82,31 +86,39 @@ def _sign_vectors(k: int) -> np.ndarray:
 
 
 def _validated(G, ndim: int) -> np.ndarray:
-    """G as a float64 (B, k, n) batch, after the checks that need no linear algebra."""
-    G = np.asarray(G, dtype=np.float64)
+    """G as a C-contiguous float64 (k, n) code or (B, k, n) batch, after the shape checks. Finiteness is checked
+    by the implementation that runs (the kernel returns NOT_FINITE; _torch_profiles checks first)."""
+    G = np.ascontiguousarray(G, dtype=np.float64)
     expected = "a 2-D (k, n) generator matrix" if ndim == 2 else "a 3-D (B, k, n) batch of generators"
     if G.ndim != ndim:
         raise ValueError(f"G must be {expected}, got shape {G.shape}")
-    G = G.reshape(-1, *G.shape[-2:])
-    k, n = G.shape[1:]
+    k, n = G.shape[-2:]
     if k == 0 or n == 0:
         raise ValueError(f"G must have at least one row and one column, got k={k}, n={n}")
     if k > n:
         raise ValueError(f"G has k={k} rows but only n={n} columns; a generator needs k <= n")
-    finite = np.isfinite(G).all(axis=(1, 2))
-    if not finite.all():
-        raise ValueError(f"code {int(np.argmin(finite))} of G has NaN or infinite entries")
     return G
 
 
+def _not_finite(code: int) -> ValueError:
+    return ValueError(f"code {code} of G has NaN or infinite entries")
+
+
+def _require_finite(G: np.ndarray) -> None:
+    finite = np.isfinite(G).all(axis=(1, 2))
+    if not finite.all():
+        raise _not_finite(int(np.argmin(finite)))
+
+
 def _validated_m(m, n: int) -> int:
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or not 0 <= m < n:
+    integral = type(m) is int or (isinstance(m, numbers.Integral) and not isinstance(m, bool))
+    if not integral or not 0 <= m < n:
         raise ValueError(f"m must be an int in 0..{n - 1} (n={n}), got {m!r}")
     return int(m)
 
 
 # ---------------------------------------------------------------------------
-# Batched core: one chunk of codes at a time
+# The torch path's batched core: one chunk of codes at a time
 
 
 def _split_columns(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,40 +198,67 @@ def _heights_chunk(G: torch.Tensor, first_code: int) -> torch.Tensor:
 # Public API
 
 
+def _raise_for(status: int, code: int) -> None:
+    if status == kernel.NOT_FINITE:
+        raise _not_finite(code)
+    if status == kernel.NOT_FULL_RANK:
+        raise ValueError(f"code {code} of G is not full row rank: no k x k column block is invertible")
+    if status == kernel.OVERFLOW:
+        raise ValueError(f"code {code} of G has entries too large for exact minors: a minor overflows float64")
+
+
+def _cpu_profile(G: np.ndarray, m_low: int = 1) -> np.ndarray:
+    """The kernel on one validated code (k, n): h_0 and h_m for m >= m_low."""
+    heights = np.empty(G.shape[1])
+    _raise_for(kernel.profile(G, *kernel.tables(G.shape[1], G.shape[0]), heights, m_low), code=0)
+    return heights
+
+
+def _torch_profiles(G: np.ndarray, device: torch.device, chunk: int) -> np.ndarray:
+    """The torch enumeration on a validated batch (B, k, n), chunk codes at a time."""
+    _require_finite(G)
+    profiles = []
+    for start in range(0, len(G), chunk):
+        codes = torch.as_tensor(G[start:start + chunk], device=device)
+        profiles.append(_heights_chunk(codes, start).cpu().numpy())
+    return np.concatenate(profiles) if profiles else np.empty((0, G.shape[2]))
+
+
 def m_heights_batch(G, device=None, chunk: int = 256) -> np.ndarray:
     """m-height profiles of a batch of codes: G (B, k, n) -> (B, n) float64, inf where m >= d.
 
-    device: None (CPU), "cpu", "cuda", "cuda:N" or "auto". chunk codes are processed at once;
-    a (10, 5) code holds C(10,5) * 2^4 * 5 float64 candidate coordinates (160 KB) per
-    intermediate. The default suits CPU caches; a GPU wants a larger chunk, e.g. 4096.
+    device: None (CPU), "cpu", "cuda", "cuda:N" or "auto". On the CPU the kernel threads over the
+    codes (numba's thread count, all cores by default). On a GPU chunk codes are processed at once;
+    a (10, 5) code holds C(10,5) * 2^4 * 5 float64 candidate coordinates (160 KB) per intermediate,
+    so a GPU wants a large chunk, e.g. 4096.
     """
     G = _validated(G, ndim=3)
     if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
         raise ValueError(f"chunk must be a positive int, got {chunk!r}")
     torch_device = resolve_device("cpu" if device is None else str(device))
-    profiles = []
-    for start in range(0, len(G), chunk):
-        codes = torch.as_tensor(G[start:start + chunk], device=torch_device)
-        profiles.append(_heights_chunk(codes, start).cpu().numpy())
-    return np.concatenate(profiles) if profiles else np.empty((0, G.shape[2]))
+    if torch_device.type != "cpu":
+        return _torch_profiles(G, torch_device, chunk)
+    heights = np.empty((len(G), G.shape[2]))
+    status = np.empty(len(G), dtype=np.int64)
+    kernel.profiles(G, *kernel.tables(G.shape[2], G.shape[1]), heights, status)
+    failed = np.flatnonzero(status != kernel.OK)
+    if failed.size:
+        _raise_for(status[failed[0]], int(failed[0]))
+    return heights
 
 
 def m_heights(G) -> np.ndarray:
     """m-height profile (n,) of one code G (k, n): h_m for m = 0..n-1, inf where m >= d."""
-    return m_heights_batch(_validated(G, ndim=2))[0]
+    return _cpu_profile(_validated(G, ndim=2))
 
 
 def m_height(G, m: int) -> float:
     """h_m(G) for one code G (k, n) and 0 <= m < n."""
     G = _validated(G, ndim=2)
-    m = _validated_m(m, G.shape[2])
-    return float(m_heights_batch(G)[0, m])
+    m = _validated_m(m, G.shape[1])
+    return float(_cpu_profile(G, m_low=max(m, 1))[m])
 
 
 def minimum_distance(G) -> int:
-    """Minimum Hamming distance of the code generated by G (k, n)."""
-    G = torch.as_tensor(_validated(G, ndim=2))
-    k, n = G.shape[1:]
-    invertible = _invertible(_split_columns(G)[0])
-    _require_full_rank(invertible, first_code=0)
-    return int(_minimum_distances(invertible, n, k)[0])
+    """Minimum Hamming distance of the code generated by G (k, n): h_m is finite exactly for m < d."""
+    return int(np.isfinite(m_heights(G)).sum())
